@@ -1,0 +1,160 @@
+"""Speed benchmark (not collected by pytest): python tests/benchmark_speed.py [--steps N] [--no-loop]
+
+Prints, for a fixed seed and Hopper-v4 shapes (obs 11, action 3, batch 256):
+  * ms per update: the script's update (eager and torch.compile) and, in the same run, the
+    straightforward evaluation of tests/meow_reference.py (V by a full pass of a zero action
+    through the flow, both shift heads by doubling the batch, default Adam, Polyak by a Python
+    loop over all parameters): what the authors' code does;
+  * ms per action (batch of one observation, inference mode), eager and compiled;
+  * whole-loop SPS of `ebflow_continuous_action.py` on Hopper-v4 (a short run), eager and --compile;
+on CPU, and on CUDA when present. Ratios are measured side by side in this one run.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ebflow_continuous_action as meow  # noqa: E402
+import meow_reference as ref  # noqa: E402
+
+OBS_DIM, ACT_DIM, BATCH = 11, 3, 256
+
+
+def make_setup(device, seed=0):
+    torch.manual_seed(seed)
+    flow = meow.EBFlowPolicy(OBS_DIM, ACT_DIM, 0.25, -5.0, -0.3).to(device)
+    target = meow.EBFlowPolicy(OBS_DIM, ACT_DIM, 0.25, -5.0, -0.3).to(device)
+    target.load_state_dict(flow.state_dict())
+    target.eval()
+    rb = meow.ReplayBuffer(10_000, OBS_DIM, ACT_DIM, device)
+    for _ in range(10_000):
+        rb.add(torch.randn(OBS_DIM), torch.rand(ACT_DIM) * 2 - 1, torch.randn(()).item(), torch.randn(OBS_DIM), 0.0)
+    return flow, target, rb
+
+
+def fast_update_fn(flow, target, compiled):
+    """The script's update, line for line."""
+    params = list(flow.parameters())
+    online_v = list(flow.log_scale_net.parameters()) + list(flow.shift_nets.parameters())
+    target_v = list(target.log_scale_net.parameters()) + list(target.shift_nets.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True)
+    mode = "reduce-overhead" if compiled and params[0].is_cuda else None
+    loss_fn = torch.compile(meow.soft_bellman_loss, mode=mode) if compiled else meow.soft_bellman_loss
+
+    def update(data):
+        loss, _ = loss_fn(flow, target, *data, 0.99)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 30.0, foreach=True)
+        opt.found_inf = (~torch.isfinite(grad_norm)).float()
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(target_v, online_v, 0.005)
+        return loss
+
+    return update
+
+
+def straightforward_update_fn(flow, target):
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
+
+    def update(data):
+        loss = ref.reference_loss(flow, target, *data, 0.99)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(flow.parameters(), 30.0)
+        opt.step()
+        with torch.no_grad():
+            for p, tp in zip(flow.parameters(), target.parameters()):
+                tp.data.copy_(0.005 * p.data + (1 - 0.005) * tp.data)
+        return loss
+
+    return update
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, n, device, warmup=20):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def bench_updates(device, n):
+    out = {}
+    for name in ["straightforward", "eager", "compile"]:
+        flow, target, rb = make_setup(device)
+        if name == "straightforward":
+            upd = straightforward_update_fn(flow, target)
+        else:
+            upd = fast_update_fn(flow, target, compiled=(name == "compile"))
+        torch.manual_seed(1)
+        out[name] = time_ms(lambda: upd(rb.sample(BATCH)), n, device, warmup=30 if name == "compile" else 20)
+    return out
+
+
+def bench_act(device, n):
+    out = {}
+    for name in ["eager", "compile"]:
+        flow, _, _ = make_setup(device)
+        flow.eval()
+        act = torch.compile(flow.sample) if name == "compile" else flow.sample
+        obs = torch.randn(OBS_DIM).numpy()
+
+        def step():
+            with torch.inference_mode():
+                return act(torch.as_tensor(obs, device=device)[None])[0].cpu().numpy()
+
+        out[name] = time_ms(step, n, device)
+    return out
+
+
+def bench_loop(device, steps, compiled):
+    cmd = [sys.executable, os.path.join(ROOT, "ebflow_continuous_action.py"), "--env-id", "Hopper-v4",
+           "--total-timesteps", str(steps), "--learning-starts", "1000", "--eval-frequency", str(10 * steps),
+           "--log-frequency", str(steps // 2), "--seed", "1", "--exp-name", "benchmark"]
+    cmd += ["--cuda" if device.type == "cuda" else "--no-cuda"] + (["--compile"] if compiled else [])
+    t = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.environ.get("TMPDIR", "/tmp"))
+    if out.returncode != 0:
+        return f"failed: {out.stderr.strip().splitlines()[-1]}"
+    sps = re.findall(r"SPS (\d+)", out.stdout)
+    return f"{sps[-1]} SPS over {steps} steps ({steps - 1000} with updates; wall {time.time() - t:.0f}s incl. start-up)"
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--updates", type=int, default=300)
+    p.add_argument("--steps", type=int, default=4000, help="steps of the whole-loop runs")
+    p.add_argument("--no-loop", action="store_true", help="skip the whole-loop runs")
+    cli = p.parse_args()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU: {os.cpu_count()} cores" + (f", GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    for device in devices:
+        u = bench_updates(device, cli.updates)
+        print(f"[{device.type}] ms per update (batch {BATCH}): straightforward {u['straightforward']:.2f} | "
+              f"eager {u['eager']:.2f} | compile {u['compile']:.2f}")
+        print(f"[{device.type}] speed-up vs straightforward: eager {u['straightforward'] / u['eager']:.2f}x | "
+              f"compile {u['straightforward'] / u['compile']:.2f}x; compile vs eager {u['eager'] / u['compile']:.2f}x")
+        a = bench_act(device, 1000)
+        print(f"[{device.type}] ms per action: eager {a['eager']:.3f} | compile {a['compile']:.3f}")
+        if not cli.no_loop:
+            for compiled in [False, True]:
+                print(f"[{device.type}] whole loop{' --compile' if compiled else ''}: "
+                      f"{bench_loop(device, cli.steps, compiled)}", flush=True)
