@@ -123,7 +123,7 @@ def check_args(args: Args):
 # ---------------------------------------------------------------------------------------------
 def make_env(env_id: str, render: bool = False):
     try:
-        env = gym.make(env_id, render_mode="rgb_array" if render else None)
+        env = gym.make(env_id, render_mode="rgb_array") if render else gym.make(env_id)
     except gym.error.Error as e:  # unknown id, missing version, ...
         fail(f"cannot make environment {env_id!r}: {e}")
     if not isinstance(env.action_space, gym.spaces.Box):
@@ -272,6 +272,44 @@ def soft_bellman_loss(flow, target_flow, obs, actions, rewards, next_obs, termin
     q = flow.soft_q(obs, actions)  # (B, 2)
     loss = 0.5 * ((q[:, 0] - target) ** 2).mean() + 0.5 * ((q[:, 1] - target) ** 2).mean()
     return loss, q.detach()
+
+
+def compile_mode(device):
+    return "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
+
+
+def make_update(flow, target_flow, args, compile=False):
+    """One MEow update (paper Algorithm 1): a soft Bellman regression step, then Polyak averaging.
+
+    Returns update(data) -> (loss, Q (B, 2), grad norm), the optimizer, and a device counter of
+    skipped (non-finite) updates. Every tensor stays on the device: no host sync per update.
+    """
+    params = list(flow.parameters())
+    # one Adam over all parameters; fused: a single kernel per step, and it can skip a step on device
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, fused=True)
+    # V needs only the linear layer h(s) and the shifts b_k(s), so those are all the target is read
+    # for: Polyak averaging updates only them (the target's coupling layers are never used).
+    online_v = list(flow.log_scale_net.parameters()) + list(flow.shift_nets.parameters())
+    target_v = list(target_flow.log_scale_net.parameters()) + list(target_flow.shift_nets.parameters())
+    device = params[0].device
+    loss_fn = torch.compile(soft_bellman_loss, mode=compile_mode(device)) if compile else soft_bellman_loss
+    nonfinite_updates = torch.zeros((), device=device)
+
+    def update(data):
+        loss, q = loss_fn(flow, target_flow, *data, args.gamma)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
+        # A non-finite loss or gradient is never zeroed: fused Adam skips the whole step
+        # (parameters and moments untouched) when `found_inf` is 1; we count the skips.
+        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        optimizer.step()
+        nonfinite_updates.add_(optimizer.found_inf)
+        with torch.no_grad():  # Polyak averaging: target <- target + tau (online - target), fused
+            torch._foreach_lerp_(target_v, online_v, args.tau)
+        return loss, q, grad_norm
+
+    return update, optimizer, nonfinite_updates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,24 +504,14 @@ if __name__ == "__main__":
                                args.flow_hidden, args.shift_hidden).to(device)
     target_flow.load_state_dict(flow.state_dict())
     target_flow.eval()  # the target runs in eval mode (no dropout)
-    params = list(flow.parameters())
-    # V needs only the linear layer h(s) and the shifts b_k(s): those are all the target is read for,
-    # so Polyak averaging updates only them (the target's coupling layers are never used).
-    online_v_params = list(flow.log_scale_net.parameters()) + list(flow.shift_nets.parameters())
-    target_v_params = list(target_flow.log_scale_net.parameters()) + list(target_flow.shift_nets.parameters())
-    # one Adam over all parameters; fused: a single kernel per step, and it can skip a step on device
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate, fused=True)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
 
-    loss_fn, act_fn = soft_bellman_loss, flow.sample
-    if args.compile:  # fuse the update and acting; on CUDA, replay them as CUDA graphs
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        loss_fn = torch.compile(soft_bellman_loss, mode=mode)
-        act_fn = torch.compile(flow.sample, mode=mode)
+    update, optimizer, nonfinite_updates = make_update(flow, target_flow, args, compile=args.compile)
+    # acting: a ~ pi(.|s); --compile fuses it (CUDA graphs on GPU)
+    act_fn = torch.compile(flow.sample, mode=compile_mode(device)) if args.compile else flow.sample
 
     # ---- Counters, restored on resume -------------------------------------------------------
     start_step, best_eval, last_eval, last_return = 0, -math.inf, float("nan"), float("nan")
-    nonfinite_updates = torch.zeros((), device=device)  # stays on device; read at log time only
     if resume_ckpt is not None:
         ts = resume_ckpt["train_state"]
         try:
@@ -556,19 +584,7 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: training. One soft Bellman regression step per environment step
         if global_step > args.learning_starts:
-            data = rb.sample(args.batch_size)
-            loss, q = loss_fn(flow, target_flow, *data, args.gamma)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
-            # A non-finite loss or gradient is never zeroed: fused Adam skips the whole step
-            # (parameters and moments untouched) when `found_inf` is 1; we count the skips.
-            optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
-            optimizer.step()
-            nonfinite_updates += optimizer.found_inf
-            # Polyak averaging, target <- target + tau (online - target), one fused op
-            with torch.no_grad():
-                torch._foreach_lerp_(target_v_params, online_v_params, args.tau)
+            loss, q, grad_norm = update(rb.sample(args.batch_size))
 
             if global_step % args.log_frequency == 0:  # the only host syncs of the update
                 skipped = int(nonfinite_updates)

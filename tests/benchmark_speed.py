@@ -40,25 +40,8 @@ def make_setup(device, seed=0):
 
 
 def fast_update_fn(flow, target, compiled):
-    """The script's update, line for line."""
-    params = list(flow.parameters())
-    online_v = list(flow.log_scale_net.parameters()) + list(flow.shift_nets.parameters())
-    target_v = list(target.log_scale_net.parameters()) + list(target.shift_nets.parameters())
-    opt = torch.optim.Adam(params, lr=1e-3, fused=True)
-    mode = "reduce-overhead" if compiled and params[0].is_cuda else None
-    loss_fn = torch.compile(meow.soft_bellman_loss, mode=mode) if compiled else meow.soft_bellman_loss
-
-    def update(data):
-        loss, _ = loss_fn(flow, target, *data, 0.99)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 30.0, foreach=True)
-        opt.found_inf = (~torch.isfinite(grad_norm)).float()
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(target_v, online_v, 0.005)
-        return loss
-
+    """The script's own update (make_update), eager or compiled."""
+    update, _, _ = meow.make_update(flow, target, meow.Args(), compile=compiled)
     return update
 
 

@@ -1,0 +1,44 @@
+"""A tiny deterministic env whose every transition is known, for buffer / episode-boundary tests.
+
+obs = [episode, t, 1]; reward = 100 * episode + t + 1 (the step being taken). Even episodes
+terminate after 3 steps; odd episodes run until the TimeLimit truncates them at 5 steps.
+Use from a script as  --env-id tests.scripted_env:Scripted-v0
+"""
+import gymnasium as gym
+import numpy as np
+
+
+class ScriptedEnv(gym.Env):
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def __init__(self):
+        self.episode, self.t = -1, 0
+
+    def obs(self):
+        return np.array([self.episode, self.t, 1.0], dtype=np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.episode, self.t = self.episode + 1, 0
+        return self.obs(), {}
+
+    def step(self, action):
+        reward = 100.0 * self.episode + self.t + 1
+        self.t += 1
+        terminated = self.episode % 2 == 0 and self.t == 3
+        return self.obs(), reward, terminated, False, {}
+
+
+gym.register("Scripted-v0", entry_point=ScriptedEnv, max_episode_steps=5)
+
+
+class NanRewardEnv(ScriptedEnv):
+    """Same dynamics, but every reward is NaN: every update's loss is non-finite."""
+
+    def step(self, action):
+        obs, _, terminated, truncated, info = super().step(action)
+        return obs, float("nan"), terminated, truncated, info
+
+
+gym.register("NanReward-v0", entry_point=NanRewardEnv, max_episode_steps=5)

@@ -1,0 +1,132 @@
+"""ebflow_continuous_action.py run as a user runs it: logs, checkpoints, reload, bad input, determinism."""
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import ebflow_continuous_action as meow
+
+SCRIPT = "ebflow_continuous_action.py"
+SHORT = ["--total-timesteps", 1200, "--learning-starts", 600, "--eval-frequency", 600, "--eval-episodes", 2,
+         "--log-frequency", 200, "--batch-size", 64]
+
+
+def scalars(run_dir):
+    ea = EventAccumulator(run_dir)
+    ea.Reload()
+    return ea, {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+
+
+def test_short_hopper_run_logs_tags_saves_and_reloads(run, tmp_path):
+    out = run(SCRIPT, "--env-id", "Hopper-v4", *SHORT, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "Hopper-v4__*"))
+    ea, tags = scalars(run_dir)
+    for tag in ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/qf_loss",
+                "losses/nonfinite_updates", "eval/return"]:
+        assert tags.get(tag), f"missing {tag}"
+    assert [s for s, _ in tags["eval/return"]] == [599, 1199]
+    assert "hyperparameters/text_summary" in ea.Tags()["tensors"]
+    assert re.search(r"step 1200/1200 \| SPS \d+ \| left 0h00m", out.stdout)
+    model = os.path.join(run_dir, "ebflow_continuous_action.cleanrl_model")
+    assert os.path.exists(model) and os.path.exists(model.replace(".cleanrl_model", "_best.cleanrl_model"))
+    assert not glob.glob(os.path.join(run_dir, "*.tmp"))
+
+    # reload through the CLI and evaluate
+    ev = run(SCRIPT, "--eval-checkpoint", model, "--eval-episodes", 2, "--seed", 7)
+    assert ev.returncode == 0, ev.stderr
+    printed = float(re.search(r"deterministic return (-?[\d.]+)", ev.stdout).group(1))
+    # independently: rebuild the policy from the state_dict and roll it out by hand
+    ckpt = torch.load(model, weights_only=True)
+    flow = meow.EBFlowPolicy(11, 3, 0.25, -5.0, -0.3)
+    flow.load_state_dict(ckpt["model"])
+    flow.eval()
+    env = gym.wrappers.RescaleAction(gym.make("Hopper-v4"), -np.ones(3, np.float32), np.ones(3, np.float32))
+    returns = []
+    for ep in range(2):
+        obs, _ = env.reset(seed=7 + ep)
+        total, done = 0.0, False
+        while not done:
+            with torch.no_grad():
+                a = flow.u_to_action(torch.tensor(obs, dtype=torch.float32)[None], torch.zeros(1, 3))[0].numpy()
+            obs, r, term, trunc, _ = env.step(a)
+            total, done = total + r, term or trunc
+        returns.append(total)
+    assert printed == pytest.approx(np.mean(returns), abs=0.06)
+
+
+BAD_INPUTS = [
+    (["--env-id", "Pendulumm-v1"], "cannot make environment"),
+    (["--env-id", "CartPole-v1"], "continuous (Box) action space"),
+    (["--total-timesteps", 0], "--total-timesteps must be positive"),
+    (["--sigma-min", "-0.3", "--sigma-max", "-1"], "--sigma-min"),
+    (["--batch-size", 512, "--buffer-size", 256], "--batch-size (512) cannot exceed"),
+    (["--tau", 0], "--tau"),
+    (["--learning-starts", -1], "--learning-starts"),
+    (["--eval-checkpoint", "does_not_exist.pt"], "no such checkpoint"),
+    (["--resume", "does_not_exist.pt"], "no such checkpoint"),
+    (["--total-timesteps", "ten"], None),  # tyro's own parse error
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(map(str, a)) for a, _ in BAD_INPUTS])
+def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(run, tmp_path, args, message):
+    out = run(SCRIPT, *args)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    if message is not None:
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], out.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "videos").exists()
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(run, tmp_path):
+    out = run(SCRIPT, "--env-id", "tests.scripted_env:NanReward-v0", "--total-timesteps", 400, "--learning-starts", 50,
+              "--batch-size", 8, "--log-frequency", 100, "--max-nonfinite-updates", 20, "--eval-frequency", 1000)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "non-finite" in out.stderr.strip().splitlines()[-1]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    _, tags = scalars(run_dir)
+    counts = [v for _, v in tags["losses/nonfinite_updates"]]
+    assert counts and counts[-1] >= 20
+
+
+def test_same_seed_gives_the_same_numbers(run, tmp_path):
+    args = ["--env-id", "Hopper-v4", "--total-timesteps", 700, "--learning-starts", 400, "--eval-frequency", 10_000,
+            "--batch-size", 32, "--save-model", "--no-cuda", "--torch-deterministic"]
+    models = []
+    for name in ["a", "b"]:
+        out = run(SCRIPT, *args, "--exp-name", name)
+        assert out.returncode == 0, out.stderr
+        (path,) = glob.glob(str(tmp_path / "runs" / f"*__{name}__*" / f"{name}.cleanrl_model"))
+        models.append(torch.load(path, weights_only=True)["model"])
+    for k in models[0]:
+        assert torch.equal(models[0][k], models[1][k]), k
+    init = meow.EBFlowPolicy(11, 3, 0.25, -5.0, -0.3).state_dict()
+    assert not torch.equal(models[0]["shift_nets.0.4.weight"], init["shift_nets.0.4.weight"])  # it did train
+
+
+def can_render():
+    code = "import gymnasium as gym; e = gym.make('InvertedPendulum-v4', render_mode='rgb_array'); e.reset(); e.render(); e.close()"
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        return False
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, env=dict(os.environ)).returncode == 0
+
+
+@pytest.mark.skipif(not can_render(), reason="no headless MuJoCo rendering (MUJOCO_GL=osmesa + libosmesa6) or no moviepy")
+def test_capture_video_records_evaluation_episodes(run, tmp_path):
+    out = run(SCRIPT, "--env-id", "InvertedPendulum-v4", "--total-timesteps", 300, "--learning-starts", 100,
+              "--eval-frequency", 300, "--eval-episodes", 2, "--capture-video", "--batch-size", 32)
+    assert out.returncode == 0, out.stderr
+    videos = glob.glob(str(tmp_path / "videos" / "InvertedPendulum-v4__*" / "*.mp4"))
+    assert len(videos) == 2 and all(os.path.getsize(v) > 1000 for v in videos)
+    assert "Exception ignored" not in out.stderr  # render envs are closed before exit
