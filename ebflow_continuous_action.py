@@ -10,6 +10,7 @@ import pickle
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -380,11 +381,14 @@ def save_atomic(obj, path):
 def load_checkpoint(path):
     """Checkpoints are data, never code: weights_only=True refuses any pickle that would run code."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         fail(f"no such checkpoint: {path}")
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        fail(f"refusing to load {path}: not a plain-data MEow checkpoint ({str(e).splitlines()[0][:200]})")
+        why = [line.strip() for line in str(e).splitlines() if "Unsupported" in line] or ["not a torch checkpoint"]
+        fail(f"refusing to load {path}: not a plain-data MEow checkpoint ({why[0][:200]})")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         fail(f"{path} is not a checkpoint of {os.path.basename(__file__)}")
     return ckpt
@@ -614,8 +618,9 @@ if __name__ == "__main__":
                 save_atomic(model_checkpoint(flow, args, obs_dim, act_dim, global_step + 1),
                             f"{run_dir}/{args.exp_name}_best.cleanrl_model")
             best_eval = max(best_eval, last_eval)
-        if args.checkpoint_frequency > 0 and (global_step + 1) % args.checkpoint_frequency == 0:
-            write_checkpoint(global_step + 1)
+        if args.checkpoint_frequency > 0 and ((global_step + 1) % args.checkpoint_frequency == 0
+                                              or global_step + 1 == args.total_timesteps):
+            write_checkpoint(global_step + 1)  # also at the end: resume with a larger --total-timesteps
 
     if args.save_model:
         path = f"{run_dir}/{args.exp_name}.cleanrl_model"

@@ -42,3 +42,27 @@ class NanRewardEnv(ScriptedEnv):
 
 
 gym.register("NanReward-v0", entry_point=NanRewardEnv, max_episode_steps=5)
+
+
+class RandomStartEnv(gym.Env):
+    """Episodes of exactly 4 steps from a random start x ~ U(-1, 1) drawn from the env's own RNG.
+
+    Its only state across episodes is that RNG, which checkpoints save: a run resumed at a
+    multiple of 4 steps can reproduce the uninterrupted run exactly.
+    """
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x, self.t = float(self.np_random.uniform(-1, 1)), 0
+        return np.array([self.x, self.t, 1.0], dtype=np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        reward = self.x + self.t - float(np.sum(np.square(action)))
+        return np.array([self.x, self.t, 1.0], dtype=np.float32), reward, self.t == 4, False, {}
+
+
+gym.register("RandomStart-v0", entry_point=RandomStartEnv, max_episode_steps=100)

@@ -1,0 +1,192 @@
+"""Resume (checkpoint.pt): kill -9 and continue, atomic writes, argument checks, data-only loading."""
+import glob
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import gymnasium as gym
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import ebflow_continuous_action as meow
+
+from .conftest import ROOT
+
+SCRIPT = "ebflow_continuous_action.py"
+# Episodes of exactly 4 steps from a random start: every checkpoint (a multiple of 400 steps) is at a boundary.
+RUN_ARGS = ["--env-id", "tests.scripted_env:RandomStart-v0", "--total-timesteps", 1600, "--learning-starts", 100,
+            "--batch-size", 32, "--checkpoint-frequency", 400, "--log-frequency", 50, "--eval-frequency", 800,
+            "--eval-episodes", 1, "--no-cuda", "--torch-deterministic", "--seed", 3]
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_state(a, b, path="ckpt"):
+    """Recursive exact equality of two checkpoint trees (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a} != {b}"
+
+
+def tb_scalars(run_dir, tag):
+    ea = EventAccumulator(run_dir)
+    ea.Reload()
+    return [(e.step, e.value) for e in ea.Scalars(tag)]
+
+
+def test_killed_run_resumes_and_matches_the_uninterrupted_run(tmp_path):
+    # the uninterrupted run
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, SCRIPT), *map(str, RUN_ARGS)], cwd=ref_dir, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (ref_run,) = glob.glob(str(ref_dir / "runs" / "*"))
+
+    # the same run, killed with SIGKILL once it has written a checkpoint
+    work = tmp_path / "killed"
+    work.mkdir()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, SCRIPT), *map(str, RUN_ARGS)], cwd=work, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not glob.glob(str(work / "runs" / "*" / "checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (run_dir,) = glob.glob(str(work / "runs" / "*"))
+    saved = load(os.path.join(run_dir, "checkpoint.pt"))
+    saved_step = saved["train_state"]["global_step"]
+    assert saved_step % 400 == 0 and saved_step < 1600, "the kill came too late to test anything"
+
+    # the checkpoint holds the complete state
+    ts = saved["train_state"]
+    for key in ["target_model", "optimizer", "buffer", "best_eval", "rng", "run_name", "args"]:
+        assert key in ts
+    assert ts["buffer"]["size"] == saved_step and ts["buffer"]["obs"].dtype == torch.float32
+    for rng in ["python", "numpy", "torch", "env", "action_space"]:
+        assert rng in ts["rng"]
+
+    # resume to the end
+    out = subprocess.run([sys.executable, os.path.join(ROOT, SCRIPT), *map(str, RUN_ARGS), "--resume", run_dir],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "resumed" in out.stdout and f"at step {saved_step}" in out.stdout
+    final, ref_final = load(os.path.join(run_dir, "checkpoint.pt")), load(os.path.join(ref_run, "checkpoint.pt"))
+    assert final["train_state"]["global_step"] == 1600
+    # checkpoints at multiples of 4 steps are episode boundaries: the resumed run is the uninterrupted
+    # run, bit for bit: networks, target, optimizer moments, buffer, counters, RNG states
+    ref_final["train_state"]["run_name"] = final["train_state"]["run_name"]
+    ref_final["train_state"]["args"]["resume"] = final["train_state"]["args"]["resume"]
+    assert_same_state(final, ref_final)
+    # and the TensorBoard curve has every step once, with the uninterrupted run's losses
+    losses, ref_losses = tb_scalars(run_dir, "losses/qf_loss"), tb_scalars(ref_run, "losses/qf_loss")
+    assert [s for s, _ in losses] == [s for s, _ in ref_losses]
+    assert losses == ref_losses
+
+
+def test_rng_state_round_trip_restarts_the_same_episode():
+    env = meow.make_env("Hopper-v4")
+    env.reset(seed=5)
+    env.action_space.seed(5)
+    state = meow.rng_state(env)
+    first = (env.reset()[0], env.action_space.sample(), torch.rand(3), float(torch.randn(())))
+    meow.set_rng_state(state, env)
+    second = (env.reset()[0], env.action_space.sample(), torch.rand(3), float(torch.randn(())))
+    assert (first[0] == second[0]).all() and (first[1] == second[1]).all()
+    assert torch.equal(first[2], second[2]) and first[3] == second[3]
+
+
+def test_dying_while_writing_leaves_the_previous_checkpoint_intact(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    code = f"""
+import os, sys, torch
+sys.path.insert(0, {ROOT!r})
+import ebflow_continuous_action as meow
+meow.save_atomic({{"step": 1, "w": torch.arange(1000.)}}, {str(path)!r})
+real_save = torch.save
+def dying_save(obj, f):
+    f.write(b"half a checkpoint")
+    f.flush()
+    os._exit(9)  # the process dies in the middle of writing
+torch.save = dying_save
+meow.save_atomic({{"step": 2, "w": torch.zeros(1000)}}, {str(path)!r})
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 9
+    ckpt = load(path)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.arange(1000.0))
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    work = tmp_path_factory.mktemp("small")
+    args = ["--env-id", "Hopper-v4", "--total-timesteps", 300, "--learning-starts", 200, "--batch-size", 16,
+            "--checkpoint-frequency", 300, "--eval-frequency", 1000, "--eval-episodes", 1]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, SCRIPT), *map(str, args)],
+                         cwd=work, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = glob.glob(str(work / "runs" / "*"))
+    return run_dir
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--env-id", "Walker2d-v4"], "--env-id Hopper-v4 (got Walker2d-v4)"),
+    (["--flow-hidden", 32], "--flow-hidden 64 (got 32)"),
+    (["--shift-hidden", 128], "--shift-hidden 256 (got 128)"),
+    (["--alpha", 0.1], "--alpha 0.25 (got 0.1)"),
+])
+def test_resume_with_mismatched_arguments_fails_cleanly(run, small_checkpoint, extra, message):
+    base = ["--total-timesteps", 600, "--learning-starts", 200, "--batch-size", 16, "--checkpoint-frequency", 300,
+            "--eval-frequency", 1000, "--eval-episodes", 1]
+    out = run(SCRIPT, *base, *extra, "--resume", small_checkpoint)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: cannot resume") and message in line
+
+
+def test_resume_refuses_a_checkpoint_whose_networks_do_not_fit(run, small_checkpoint, tmp_path):
+    ckpt = load(os.path.join(small_checkpoint, "checkpoint.pt"))
+    ckpt["model"]["couplings.0.0.weight"] = torch.zeros(3, 3)
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt, bad)
+    out = run(SCRIPT, "--total-timesteps", 600, "--learning-starts", 200, "--batch-size", 16,
+              "--checkpoint-frequency", 300, "--eval-frequency", 1000, "--eval-episodes", 1, "--resume", bad)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: checkpoint does not fit")
+
+
+class CreatesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # unpickling this calls open(path, "w"): code execution
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--eval-checkpoint"])
+def test_malicious_checkpoint_is_refused_and_runs_no_code(run, tmp_path, flag):
+    victim = tmp_path / "pwned.txt"
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"format": meow.CHECKPOINT_FORMAT, "model": CreatesAFile(str(victim))}, f)
+    out = run(SCRIPT, flag, evil)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: refusing to load")
+    assert not victim.exists()
