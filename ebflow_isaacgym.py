@@ -1,0 +1,766 @@
+# MEow on vectorized simulators (Isaac Gym), in one file: Chao et al., NeurIPS 2024
+# paper: https://arxiv.org/abs/2405.13629
+# The same EBFlow policy and soft Bellman loss as ebflow_continuous_action.py (duplicated on purpose:
+# each script stands alone); what changes is vectorization: N environments step at once, every tensor
+# lives on the device, the replay buffer holds N transitions per vector step, observations are
+# standardised by running statistics, and one gradient step is taken per vector step.
+# Backends: `isaacgym` (Isaac Gym Preview 4 + IsaacGymEnvs, GPU) or `gymnasium` (any Gymnasium
+# continuous-control task as a vector env; runs on a CPU, and is what the tests use).
+import math
+import os
+import pickle
+import random
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+try:  # Isaac Gym must be imported before torch
+    import isaacgym  # noqa: F401
+    import isaacgymenvs
+except ImportError:
+    isaacgymenvs = None
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled by default (when available)"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "cleanRL"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    save_model: bool = False
+    """if toggled, save the final and the best-eval model (with the observation normaliser) under `runs/{run_name}`"""
+    eval_checkpoint: Optional[str] = None
+    """if set, load this saved model, run `eval_episodes` deterministic episodes, print the return and exit"""
+    checkpoint_frequency: int = 0
+    """write the full training state to `runs/{run_name}/checkpoint.pt` every N transitions (0 = never)"""
+    resume: Optional[str] = None
+    """resume training from a checkpoint file or a run directory holding `checkpoint.pt`"""
+    compile: bool = False
+    """if toggled, torch.compile the update and acting (CUDA graphs on GPU)"""
+    log_frequency: int = 100
+    """log losses and episode statistics, and print progress, every N vector steps"""
+
+    # Environment
+    backend: Literal["isaacgym", "gymnasium"] = "isaacgym"
+    """`isaacgym` (IsaacGymEnvs task names: Ant, Humanoid, ...) or `gymnasium` (ids such as Ant-v4)"""
+    env_id: str = "Ant"
+    """the task name (isaacgym) or the Gymnasium id (gymnasium)"""
+    num_envs: int = 128
+    """the number of parallel environments"""
+    sim_device: str = "cuda:0"
+    """Isaac Gym's simulation device"""
+    graphics_device_id: int = 0
+    """Isaac Gym's graphics device (rendering is off: headless)"""
+
+    # Algorithm specific arguments (defaults: the paper's Isaac Gym Ant settings)
+    total_timesteps: int = 128_000_000
+    """total transitions over all envs (paper: 1M vector steps x 128 envs)"""
+    buffer_size: int = 15_000
+    """the replay capacity in vector steps (it holds buffer_size * num_envs transitions)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 0.0005
+    """target smoothing coefficient (Polyak averaging rate)"""
+    batch_size: int = 1024
+    """the batch size of one gradient step (paper: 131072 / num_envs)"""
+    learning_starts: int = 100
+    """vector steps of uniform random actions before learning starts"""
+    learning_rate: float = 1e-3
+    """the learning rate of the single Adam optimizer"""
+    max_grad_norm: float = 30.0
+    """the maximum norm for gradient clipping"""
+    alpha: float = 0.075
+    """entropy temperature (fixed per task, as in the paper)"""
+    sigma_max: float = 2.0
+    """upper bound of the log-std of the state-dependent scale sigma(s)"""
+    sigma_min: float = -5.0
+    """lower bound of the log-std of the state-dependent scale sigma(s)"""
+    flow_hidden: int = 64
+    """hidden width of the coupling networks t_k and of the log-scale network h(s)"""
+    shift_hidden: int = 256
+    """hidden width of the reward-shift networks b_1(s), b_2(s)"""
+    obs_clip: float = 5.0
+    """standardised observations are clipped to [-obs_clip, obs_clip]"""
+    eval_frequency: int = 1_280_000
+    """evaluate the deterministic policy every N transitions"""
+    eval_episodes: int = 10
+    """number of episodes per evaluation"""
+    max_nonfinite_updates: int = 100
+    """stop the run once this many updates had a non-finite loss or gradient (each one is skipped)"""
+
+
+def fail(message: str):
+    """Bad input: one line on stderr and a non-zero exit, before anything is written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args: Args):
+    if args.total_timesteps <= 0:
+        fail(f"--total-timesteps must be positive, got {args.total_timesteps}")
+    if args.sigma_min >= args.sigma_max:
+        fail(f"--sigma-min ({args.sigma_min}) must be smaller than --sigma-max ({args.sigma_max})")
+    for name in ["num_envs", "buffer_size", "batch_size", "eval_frequency", "eval_episodes", "log_frequency",
+                 "flow_hidden", "shift_hidden", "max_nonfinite_updates"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch_size > args.buffer_size * args.num_envs:
+        fail(f"--batch-size ({args.batch_size}) cannot exceed the replay capacity "
+             f"(--buffer-size {args.buffer_size} x --num-envs {args.num_envs})")
+    for name in ["learning_starts", "checkpoint_frequency"]:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.tau <= 1.0:
+        fail(f"--tau must be in (0, 1], got {args.tau}")
+    if not 0.0 <= args.gamma <= 1.0:
+        fail(f"--gamma must be in [0, 1], got {args.gamma}")
+    if args.alpha <= 0 or args.learning_rate <= 0 or args.max_grad_norm <= 0 or args.obs_clip <= 0:
+        fail("--alpha, --learning-rate, --max-grad-norm and --obs-clip must be positive")
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments: two thin adapters with one batched-tensor contract, so the training loop is the
+# same for both. step(actions (N, d) in [-1, 1]) returns, as tensors on the device:
+#   next_obs (N, obs_dim)   the observation to act on next (a new episode's first one after a reset)
+#   real_next_obs           the true successor s' of this transition (the final observation at an end)
+#   rewards (N,), terminated (N,) (cuts the bootstrap), truncated (N,) (time-out: bootstraps)
+#   valid (N,)              0 for a transition that spans two episodes (never learned from)
+# ---------------------------------------------------------------------------------------------
+class GymnasiumVecEnv:
+    """Any Gymnasium continuous-control task as a synchronous vector env (CPU)."""
+
+    def __init__(self, env_id, num_envs, seed, device):
+        try:
+            gym.spec(env_id)  # unknown ids fail here, before any env is built
+            probe = gym.make(env_id)
+        except gym.error.Error as e:
+            fail(f"cannot make environment {env_id!r}: {e}")
+        space = probe.action_space
+        probe.close()
+        if not isinstance(space, gym.spaces.Box):
+            fail(f"MEow needs a continuous (Box) action space; {env_id} has {space}")
+        if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+            fail(f"{env_id} has an unbounded action space; MEow's tanh flow needs finite bounds")
+        ones = np.ones(space.shape, dtype=space.dtype)
+        # SAME_STEP autoreset: a finished env is reset inside step(); its final observation is in
+        # info["final_obs"], so every transition stays inside one episode
+        self.envs = gym.make_vec(env_id, num_envs, vectorization_mode="sync",
+                                 vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+                                 wrappers=[lambda e: gym.wrappers.RescaleAction(e, -ones, ones)])
+        self.num_envs, self.seed, self.device = num_envs, seed, device
+        self.obs_dim = self.envs.single_observation_space.shape[0]
+        self.act_dim = self.envs.single_action_space.shape[0]
+        self.envs.action_space.seed(seed)
+
+    def tensor(self, x, dtype=torch.float32):
+        return torch.as_tensor(np.asarray(x), dtype=dtype, device=self.device)
+
+    def reset(self, seed=None):
+        obs, _ = self.envs.reset(seed=seed)
+        return self.tensor(obs)
+
+    def random_actions(self):
+        return self.tensor(self.envs.action_space.sample())
+
+    def step(self, actions):
+        obs, rewards, terminated, truncated, info = self.envs.step(actions.cpu().numpy())
+        real_next_obs = obs.copy()
+        if "_final_obs" in info:
+            for i in np.flatnonzero(info["_final_obs"]):
+                real_next_obs[i] = info["final_obs"][i]
+        return (self.tensor(obs), self.tensor(real_next_obs), self.tensor(rewards), self.tensor(terminated),
+                self.tensor(truncated), torch.ones(self.num_envs, device=self.device))
+
+    def close(self):
+        self.envs.close()
+
+
+class IsaacGymVecEnv:
+    """Isaac Gym Preview 4 through IsaacGymEnvs: the envs live on the GPU and reset themselves."""
+
+    def __init__(self, task, num_envs, seed, args, device):
+        if isaacgymenvs is None:
+            fail("Isaac Gym is not installed: get Isaac Gym Preview 4 from NVIDIA, `pip install -e isaacgym/python` "
+                 "and IsaacGymEnvs; or run any Gymnasium task with --backend gymnasium (works on a CPU)")
+        self.envs = isaacgymenvs.make(seed=seed, task=task, num_envs=num_envs, sim_device=args.sim_device,
+                                      rl_device=str(device), graphics_device_id=args.graphics_device_id, headless=True)
+        self.num_envs, self.device = num_envs, device
+        self.obs_dim = self.envs.observation_space.shape[0]
+        self.act_dim = self.envs.action_space.shape[0]
+        # IsaacGymEnvs resets a finished env during the *next* step: the observation returned with
+        # done is the true final one, and the transition that follows spans the reset (not valid).
+        self.prev_done = torch.zeros(num_envs, dtype=torch.bool, device=device)
+
+    def reset(self, seed=None):
+        return self.envs.reset()["obs"].float()
+
+    def random_actions(self):
+        return torch.rand(self.num_envs, self.act_dim, device=self.device) * 2 - 1
+
+    def step(self, actions):
+        obs_dict, rewards, dones, infos = self.envs.step(actions)
+        obs, dones = obs_dict["obs"].float(), dones.bool()
+        time_outs = infos["time_outs"].bool()
+        valid = (~self.prev_done).float()
+        self.prev_done = dones
+        return obs, obs, rewards.float(), (dones & ~time_outs).float(), time_outs.float(), valid
+
+    def close(self):
+        pass  # Isaac Gym tears its simulation down with the process
+
+
+def make_env(args, device, num_envs=None, seed=None):
+    num_envs, seed = num_envs or args.num_envs, args.seed if seed is None else seed
+    if args.backend == "isaacgym":
+        return IsaacGymVecEnv(args.env_id, num_envs, seed, args, device)
+    return GymnasiumVecEnv(args.env_id, num_envs, seed, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Observation standardisation by running mean / variance (as the paper's Isaac runs), clip 5.
+# ---------------------------------------------------------------------------------------------
+class RunningMeanStd(nn.Module):
+    """Chan et al.'s parallel update of mean and variance; buffers so checkpoints carry them."""
+
+    def __init__(self, dim, clip=5.0, eps=1e-8):
+        super().__init__()
+        self.clip, self.eps = clip, eps
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(dim, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    def update(self, x):  # x (N, dim)
+        x = x.double()
+        b_mean, b_var, b_count = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        delta, total = b_mean - self.mean, self.count + b_count
+        self.mean += delta * b_count / total
+        self.var.copy_((self.var * self.count + b_var * b_count + delta**2 * self.count * b_count / total) / total)
+        self.count.copy_(total)
+
+    def forward(self, x):
+        return ((x - self.mean.float()) / torch.sqrt(self.var.float() + self.eps)).clamp(-self.clip, self.clip)
+
+
+# ---------------------------------------------------------------------------------------------
+# The EBFlow policy (paper Sec. 3.1, Eqs. 6-9; published architecture in Appendix)
+# ---------------------------------------------------------------------------------------------
+EPS = torch.finfo(torch.float32).eps  # guard inside log(1 - a^2 + eps)
+
+
+class Swish(nn.Module):
+    """x * sigmoid(beta * x), one learnable beta per unit, initialised to 1."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.beta = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.beta * x)
+
+
+def mlp(in_dim, hidden, out_dim, layer_norm=False, dropout=0.0, weight_init=None):
+    """Two hidden layers of Linear -> [LayerNorm] -> Swish -> [Dropout], then a final Linear."""
+    layers = []
+    for d_in in [in_dim, hidden]:
+        layers.append(nn.Linear(d_in, hidden))
+        if layer_norm:
+            layers.append(nn.LayerNorm(hidden))
+        layers.append(Swish(hidden))
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(hidden, out_dim))
+    for layer in layers:
+        if isinstance(layer, nn.Linear) and weight_init is not None:
+            weight_init(layer.weight)  # biases keep PyTorch's default init
+    return nn.Sequential(*layers)
+
+
+class EBFlowPolicy(nn.Module):
+    """pi(a|s) = exp((Q(s,a) - V(s)) / alpha), an energy-based normalizing flow.
+
+    Density direction a -> u (computes Q):  atanh (non-linear), 4 additive couplings (volume
+    preserving), u = y / sigma(s) (linear, its log-det depends on s only and forms Z(s) = V/alpha).
+    Sampling direction u -> a (acting): the same layers inverted, in reverse order.
+    """
+
+    def __init__(self, obs_dim, act_dim, alpha, sigma_min, sigma_max, flow_hidden=64, shift_hidden=256):
+        super().__init__()
+        self.act_dim, self.alpha = act_dim, alpha
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        # masks m_1 = m_3 = [1,0,1,0,...], m_2 = m_4 = 1 - m_1; row k-1 holds m_k.   (4, d)
+        m1 = (torch.arange(act_dim) % 2 == 0).float()
+        self.register_buffer("masks", torch.stack([m1, 1 - m1, m1, 1 - m1]))
+        # coupling translations t_k(m_k * y, s): orthogonal init, LayerNorm, dropout 0.1
+        self.couplings = nn.ModuleList(
+            [mlp(act_dim + obs_dim, flow_hidden, act_dim, True, 0.1, nn.init.orthogonal_) for _ in range(4)]
+        )
+        # h(s), the log-scale of the state-dependent linear layer; zero weights: sigma starts mid-range
+        self.log_scale_net = mlp(obs_dim, flow_hidden, act_dim, weight_init=nn.init.zeros_)
+        # b_1(s), b_2(s): the two learnable reward shifts (LRS + SCDQ); zero weights
+        self.shift_nets = nn.ModuleList([mlp(obs_dim, shift_hidden, 1, weight_init=nn.init.zeros_) for _ in range(2)])
+
+    def log_sigma(self, obs):
+        """log sigma(s), squashed into [sigma_min, sigma_max].   (B, d)"""
+        h = self.log_scale_net(obs)
+        return self.sigma_min + 0.5 * (self.sigma_max - self.sigma_min) * (torch.tanh(h) + 1)
+
+    def shifts(self, obs):
+        """[b_1(s), b_2(s)]: learnable reward shifting (paper Sec. 3.2).   (B, 2)"""
+        return torch.cat([b(obs) for b in self.shift_nets], dim=1)
+
+    def action_to_y(self, obs, actions):
+        """Density direction, steps 1-3: clamp, y = atanh(a), inverse couplings k = 4..1.
+
+        Returns y (B, d) and the non-linear log-det sum_j -log(1 - a_j^2 + eps) (B,).
+        """
+        a = actions.clamp(-1 + 1e-5, 1 - 1e-5)  # numerical guard only
+        y = torch.atanh(a)
+        logdet_tanh = -torch.log(1 - a * a + EPS).sum(dim=1)
+        for k in reversed(range(4)):  # additive couplings: log|det| = 0
+            m = self.masks[k]
+            y = y - (1 - m) * self.couplings[k](torch.cat([m * y, obs], dim=1))
+        return y, logdet_tanh
+
+    def u_to_action(self, obs, u):
+        """Sampling direction: y = sigma(s) u, couplings k = 1..4, a = tanh(y).   (B, d)"""
+        y = torch.exp(self.log_sigma(obs)) * u
+        for k in range(4):
+            m = self.masks[k]
+            y = y + (1 - m) * self.couplings[k](torch.cat([m * y, obs], dim=1))
+        return torch.tanh(y)
+
+    # ---- Soft Q and exact soft V (paper Eqs. 8-9, with LRS b_k added to both) ----------------
+    def soft_q(self, obs, actions):
+        """Q_k(s,a) = alpha * (-0.5 sum_j (y_j/sigma_j)^2 - sum_j log(1 - a_j^2 + eps) + b_k(s)).
+
+        The base term -E(a|s) is computed once and shared by both shift heads (SCDQ).   (B, 2)
+        """
+        y, logdet_tanh = self.action_to_y(obs, actions)
+        u = y * torch.exp(-self.log_sigma(obs))  # the linear layer u = y / sigma(s)
+        neg_energy = -0.5 * (u * u).sum(dim=1) + logdet_tanh  # (B,)
+        return self.alpha * (neg_energy.unsqueeze(1) + self.shifts(obs))
+
+    def soft_v(self, obs):
+        """V_k(s) = alpha * log Z(s) = alpha * (sum_j log sigma_j(s) + (d/2) log 2pi + b_k(s)).
+
+        Exact and closed form: only the linear layer and the shifts enter, no coupling. (B, 2)
+        """
+        log_z = self.log_sigma(obs).sum(dim=1) + 0.5 * self.act_dim * math.log(2 * math.pi)  # (B,)
+        return self.alpha * (log_z.unsqueeze(1) + self.shifts(obs))
+
+    def log_prob(self, obs, actions):
+        """log pi(a|s) = log N(u; 0, I) + log-dets (change of variables).   (B,)"""
+        log_sigma = self.log_sigma(obs)
+        y, logdet_tanh = self.action_to_y(obs, actions)
+        u = y * torch.exp(-log_sigma)
+        log_normal = -0.5 * (u * u).sum(dim=1) - 0.5 * self.act_dim * math.log(2 * math.pi)
+        return log_normal + logdet_tanh - log_sigma.sum(dim=1)
+
+    # ---- Acting -----------------------------------------------------------------------------
+    def sample(self, obs):
+        """Stochastic action: u ~ N(0, I) pushed through the flow (exact sample of pi)."""
+        return self.u_to_action(obs, torch.randn(obs.shape[0], self.act_dim, device=obs.device))
+
+    def deterministic_action(self, obs):
+        """Deterministic action (paper Sec. 3.3): the image of u = 0, used for evaluation."""
+        return self.u_to_action(obs, torch.zeros(obs.shape[0], self.act_dim, device=obs.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft Bellman loss with shifting-based clipped double Q (paper Sec. 3.2, Eqs. 10-12)
+# ---------------------------------------------------------------------------------------------
+def soft_bellman_loss(flow, target_flow, obs, actions, rewards, next_obs, terminated, valid, gamma):
+    """L = 0.5 * sum_k mean (Q_k(s,a) - y)^2,  y = r + gamma (1 - terminated) min_k Vbar_k(s').
+
+    The mean runs over valid transitions only (Isaac Gym's transition across a reset has valid = 0).
+    """
+    with torch.no_grad():
+        next_v = target_flow.soft_v(next_obs)  # exact V from the target network   (B, 2)
+        target = rewards + gamma * (1.0 - terminated) * next_v.min(dim=1).values  # SCDQ   (B,)
+    q = flow.soft_q(obs, actions)  # (B, 2)
+    w = valid / valid.sum().clamp(min=1.0)  # (B,) weights of a mean over the valid transitions
+    loss = 0.5 * (w * (q[:, 0] - target) ** 2).sum() + 0.5 * (w * (q[:, 1] - target) ** 2).sum()
+    return loss, q.detach()
+
+
+def compile_mode(device):
+    return "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
+
+
+def make_update(flow, target_flow, args, compile=False):
+    """One MEow update (paper Algorithm 1): a soft Bellman regression step, then Polyak averaging.
+
+    Returns update(data) -> (loss, Q (B, 2), grad norm), the optimizer, and a device counter of
+    skipped (non-finite) updates. Every tensor stays on the device: no host sync per update.
+    """
+    params = list(flow.parameters())
+    # one Adam over all parameters; fused: a single kernel per step, and it can skip a step on device
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, fused=True)
+    # V needs only the linear layer h(s) and the shifts b_k(s), so those are all the target is read
+    # for: Polyak averaging updates only them (the target's coupling layers are never used).
+    online_v = list(flow.log_scale_net.parameters()) + list(flow.shift_nets.parameters())
+    target_v = list(target_flow.log_scale_net.parameters()) + list(target_flow.shift_nets.parameters())
+    device = params[0].device
+    loss_fn = torch.compile(soft_bellman_loss, mode=compile_mode(device)) if compile else soft_bellman_loss
+    nonfinite_updates = torch.zeros((), device=device)
+
+    def update(data):
+        loss, q = loss_fn(flow, target_flow, *data, args.gamma)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
+        # A non-finite loss or gradient is never zeroed: fused Adam skips the whole step
+        # (parameters and moments untouched) when `found_inf` is 1; we count the skips.
+        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        optimizer.step()
+        nonfinite_updates.add_(optimizer.found_inf)
+        with torch.no_grad():  # Polyak averaging: target <- target + tau (online - target), fused
+            torch._foreach_lerp_(target_v, online_v, args.tau)
+        return loss, q, grad_norm
+
+    return update, optimizer, nonfinite_updates
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffer: preallocated device tensors, N transitions per vector step, a ring of `capacity`
+# vector steps. Observations are stored raw and standardised when sampled (current statistics).
+# ---------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    FIELDS = ["obs", "next_obs", "actions", "rewards", "terminated", "valid"]
+
+    def __init__(self, capacity, num_envs, obs_dim, act_dim, device):
+        self.capacity, self.num_envs, self.pos, self.size, self.device = capacity, num_envs, 0, 0, device
+        self.obs = torch.zeros(capacity, num_envs, obs_dim, device=device)
+        self.next_obs = torch.zeros(capacity, num_envs, obs_dim, device=device)  # true s', also at time-outs
+        self.actions = torch.zeros(capacity, num_envs, act_dim, device=device)
+        self.rewards = torch.zeros(capacity, num_envs, device=device)
+        self.terminated = torch.zeros(capacity, num_envs, device=device)
+        self.valid = torch.zeros(capacity, num_envs, device=device)
+
+    def add(self, obs, next_obs, actions, rewards, terminated, valid):
+        for key, value in zip(self.FIELDS, [obs, next_obs, actions, rewards, terminated, valid]):
+            getattr(self, key)[self.pos].copy_(value)
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size):
+        idx = torch.randint(0, self.size * self.num_envs, (batch_size,), device=self.device)  # never leaves the device
+        return [getattr(self, key).flatten(0, 1)[idx] for key in self.FIELDS]
+
+    def state_dict(self):
+        """Compact: float32 and only the filled part (a copy, not a view of the whole storage)."""
+        state = {"pos": self.pos, "size": self.size}
+        for key in self.FIELDS:
+            state[key] = getattr(self, key)[: self.size].to("cpu", copy=True)
+        return state
+
+    def load_state_dict(self, state):
+        n = state["size"]
+        if n > self.capacity or state["obs"].shape[1] != self.num_envs:
+            raise ValueError(f"checkpoint buffer of {n} x {state['obs'].shape[1]} transitions does not fit "
+                             f"--buffer-size {self.capacity} x --num-envs {self.num_envs}")
+        for key in self.FIELDS:
+            getattr(self, key)[:n] = state[key].to(self.device)
+        self.pos, self.size = state["pos"], n
+
+
+# ---------------------------------------------------------------------------------------------
+# Bookkeeping: checkpoints (atomic, data only), evaluation. Safe to skip on a first read.
+# ---------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = "meow-ebflow-isaacgym/1"
+ARCH_KEYS = ["sigma_min", "sigma_max", "flow_hidden", "shift_hidden"]
+# arguments a resumed run may change; every other one must equal the checkpoint's
+RESUME_MAY_CHANGE = {"total_timesteps", "resume", "checkpoint_frequency", "track", "wandb_project_name",
+                     "wandb_entity", "save_model", "cuda", "compile", "log_frequency", "eval_checkpoint",
+                     "exp_name", "max_nonfinite_updates", "sim_device", "graphics_device_id"}
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a kill at any moment leaves the old or the new file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Checkpoints are data, never code: weights_only=True refuses any pickle that would run code."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"no such checkpoint: {path}")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        why = [line.strip() for line in str(e).splitlines() if "Unsupported" in line] or ["not a torch checkpoint"]
+        fail(f"refusing to load {path}: not a plain-data MEow checkpoint ({why[0][:200]})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint of {os.path.basename(__file__)}")
+    return ckpt
+
+
+def model_checkpoint(flow, normalizer, args, obs_dim, act_dim, step):
+    return {"format": CHECKPOINT_FORMAT, "backend": args.backend, "env_id": args.env_id, "obs_dim": obs_dim,
+            "act_dim": act_dim, "alpha": args.alpha, "arch": {k: getattr(args, k) for k in ARCH_KEYS},
+            "obs_clip": args.obs_clip, "global_step": step, "model": flow.state_dict(),
+            "obs_normalizer": normalizer.state_dict()}
+
+
+def evaluate(flow, normalizer, env, episodes, fresh_start, max_steps=100_000):
+    """Mean deterministic return (u = 0, eval mode) over the first `episodes` episodes that start here.
+
+    fresh_start: the env was just reset, so its current episodes count; otherwise (Isaac Gym's training
+    envs, which cannot all be reset at once) only episodes that begin during the evaluation count.
+    Returns the mean return and the observation to continue from.
+    """
+    was_training = flow.training
+    flow.eval()
+    obs = env.reset(seed=0) if fresh_start else env.last_obs
+    counting = torch.full((env.num_envs,), fresh_start, dtype=torch.bool, device=obs.device)
+    ep_return = torch.zeros(env.num_envs, device=obs.device)
+    returns = []
+    for _ in range(max_steps):
+        with torch.inference_mode():
+            action = flow.deterministic_action(normalizer(obs))
+        obs, _, rewards, terminated, truncated, valid = env.step(action)
+        ep_return += rewards * valid
+        done = (terminated + truncated) > 0
+        returns += ep_return[done & counting].tolist()
+        # fresh start: only each env's first episode counts; otherwise every episode begun in here
+        counting = counting & ~done if fresh_start else counting | done
+        ep_return[done] = 0.0
+        if len(returns) >= episodes:
+            break
+    flow.train(was_training)
+    env.last_obs = obs
+    return float(np.mean(returns[:episodes])) if returns else float("nan"), obs
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.backend == "isaacgym" and isaacgymenvs is None:
+        make_env(args, device)  # the one-line "Isaac Gym is not installed" error
+
+    # ---- Reload a saved model and evaluate it (no training) --------------------------------
+    if args.eval_checkpoint is not None:
+        ckpt = load_checkpoint(args.eval_checkpoint)
+        args.backend, args.env_id = ckpt["backend"], ckpt["env_id"]
+        env = make_env(args, device, num_envs=args.eval_episodes if args.backend == "gymnasium" else None)
+        flow = EBFlowPolicy(ckpt["obs_dim"], ckpt["act_dim"], ckpt["alpha"], **ckpt["arch"]).to(device)
+        normalizer = RunningMeanStd(ckpt["obs_dim"], ckpt["obs_clip"]).to(device)
+        flow.load_state_dict(ckpt["model"])
+        normalizer.load_state_dict(ckpt["obs_normalizer"])
+        env.last_obs = env.reset(seed=args.seed)
+        mean_return, _ = evaluate(flow, normalizer, env, args.eval_episodes, fresh_start=args.backend == "gymnasium")
+        env.close()
+        print(f"{args.env_id}: deterministic return {mean_return:.1f} over {args.eval_episodes} episodes "
+              f"(checkpoint step {ckpt['global_step']})")
+        sys.exit(0)
+
+    # ---- Resume: take the run's name and training state from its checkpoint -----------------
+    resume_ckpt = None
+    if args.resume is not None:
+        path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
+        resume_ckpt = load_checkpoint(path)
+        if "train_state" not in resume_ckpt:
+            fail(f"{path} is a saved model, not a training checkpoint (use --eval-checkpoint to evaluate it)")
+        saved = resume_ckpt["train_state"]["args"]
+        mismatched = [k for k in saved if k not in RESUME_MAY_CHANGE and saved[k] != getattr(args, k, None)]
+        if mismatched:
+            fail("cannot resume: arguments differ from the checkpoint's: "
+                 + ", ".join(f"--{k.replace('_', '-')} {saved[k]} (got {getattr(args, k, None)})" for k in mismatched))
+        if resume_ckpt["train_state"]["global_step"] >= args.total_timesteps:
+            fail(f"checkpoint is at step {resume_ckpt['train_state']['global_step']}, "
+                 f"not below --total-timesteps {args.total_timesteps}")
+
+    # ---- Seeding ------------------------------------------------------------------------------
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # ---- Environments (validated before anything is written) -------------------------------
+    env = make_env(args, device)
+    # Isaac Gym runs one simulation per process: evaluate on the training envs. Gymnasium: separate envs.
+    eval_env = env if args.backend == "isaacgym" else make_env(args, device, num_envs=args.eval_episodes)
+    N, obs_dim, act_dim = env.num_envs, env.obs_dim, env.act_dim
+    if resume_ckpt is not None:
+        run_name = resume_ckpt["train_state"]["run_name"]
+    else:
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # ---- Networks: one EBFlow is policy and critic; a target copy gives Vbar ---------------
+    flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
+                        args.flow_hidden, args.shift_hidden).to(device)
+    target_flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
+                               args.flow_hidden, args.shift_hidden).to(device)
+    target_flow.load_state_dict(flow.state_dict())
+    target_flow.eval()  # the target runs in eval mode (no dropout)
+    normalizer = RunningMeanStd(obs_dim, args.obs_clip).to(device)
+    rb = ReplayBuffer(args.buffer_size, N, obs_dim, act_dim, device)
+    update, optimizer, nonfinite_updates = make_update(flow, target_flow, args, compile=args.compile)
+    # acting: a ~ pi(.|s); --compile fuses it (CUDA graphs on GPU)
+    act_fn = torch.compile(flow.sample, mode=compile_mode(device)) if args.compile else flow.sample
+
+    # ---- Counters, restored on resume -------------------------------------------------------
+    start_iter, best_eval, last_eval = 0, -math.inf, float("nan")
+    if resume_ckpt is not None:
+        ts = resume_ckpt["train_state"]
+        try:
+            flow.load_state_dict(resume_ckpt["model"])
+            normalizer.load_state_dict(resume_ckpt["obs_normalizer"])
+            target_flow.load_state_dict(ts["target_model"])
+            optimizer.load_state_dict(ts["optimizer"])
+            rb.load_state_dict(ts["buffer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            fail(f"checkpoint does not fit this run: {str(e).splitlines()[0][:200]}")
+        start_iter, best_eval, last_eval = ts["global_step"] // N, ts["best_eval"], ts["last_eval"]
+        nonfinite_updates.fill_(ts["nonfinite_updates"])
+        random.setstate(ts["rng"]["python"])
+        np.random.set_state(("MT19937", np.array(ts["rng"]["numpy"]["state"], dtype=np.uint32),
+                             *ts["rng"]["numpy"]["rest"]))
+        torch.set_rng_state(ts["rng"]["torch"])
+        if ts["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
+        print(f"resumed {run_name} at step {ts['global_step']} (buffer {rb.size} x {N} transitions); "
+              "the environments start fresh episodes")
+
+    # ---- Logging: only now is anything written ---------------------------------------------
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True, id=run_name, resume="allow")
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = f"runs/{run_name}"
+    # purge_step hides events a killed run logged after its last checkpoint: no duplicated steps
+    writer = SummaryWriter(run_dir, purge_step=start_iter * N if resume_ckpt is not None else None)
+    if resume_ckpt is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n"
+                        + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    def write_checkpoint(step):
+        ckpt = model_checkpoint(flow, normalizer, args, obs_dim, act_dim, step)
+        ckpt["train_state"] = {
+            "args": asdict(args), "run_name": run_name, "global_step": step,
+            "target_model": target_flow.state_dict(), "optimizer": optimizer.state_dict(),
+            "buffer": rb.state_dict(), "best_eval": best_eval, "last_eval": last_eval,
+            "nonfinite_updates": float(nonfinite_updates),
+            "rng": {"python": random.getstate(), "numpy": {"state": np.random.get_state()[1].tolist(),
+                    "rest": list(np.random.get_state()[2:])}, "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+        save_atomic(ckpt, f"{run_dir}/checkpoint.pt")
+
+    # ---- Training loop: one iteration = one vector step (N transitions) + one gradient step ----
+    num_iterations = args.total_timesteps // N
+    obs = env.reset(seed=args.seed if resume_ckpt is None else args.seed + start_iter)
+    normalizer.update(obs)
+    # episode statistics, kept on the device for all envs; read at the logging interval only
+    ep_return, ep_length = torch.zeros(N, device=device), torch.zeros(N, device=device)
+    finished = torch.zeros(3, device=device)  # sum of returns, sum of lengths, count of finished episodes
+    last_return, start_time = float("nan"), time.time()
+    for iteration in range(start_iter, num_iterations):
+        global_step = (iteration + 1) * N  # transitions collected so far, over all envs
+
+        # ALGO LOGIC: act. Uniform random actions for the first learning_starts vector steps
+        if iteration < args.learning_starts:
+            actions = env.random_actions()
+        else:
+            flow.eval()
+            with torch.inference_mode():
+                actions = act_fn(normalizer(obs))
+            flow.train()
+
+        next_obs, real_next_obs, rewards, terminated, truncated, valid = env.step(actions)
+        # Terminations cut the bootstrap, time-outs do not: real_next_obs is the true s' in both cases
+        rb.add(obs, real_next_obs, actions, rewards, terminated, valid)
+        normalizer.update(next_obs)
+        obs = next_obs
+
+        done = (terminated + truncated) > 0  # bookkeeping: finished episodes, on the device
+        ep_return += rewards * valid
+        ep_length += valid
+        finished += torch.stack([(ep_return * done).sum(), (ep_length * done).sum(), done.sum()])
+        ep_return *= ~done
+        ep_length *= ~done
+
+        # ALGO LOGIC: training. One soft Bellman regression step per vector step
+        if iteration >= args.learning_starts:
+            b_obs, b_next_obs, b_actions, b_rewards, b_terminated, b_valid = rb.sample(args.batch_size)
+            loss, q, grad_norm = update((normalizer(b_obs), b_actions, b_rewards, normalizer(b_next_obs),
+                                         b_terminated, b_valid))
+
+        # Bookkeeping: logging (the only host syncs), evaluation, checkpoints
+        if (iteration + 1) % args.log_frequency == 0:
+            stats = finished.tolist()
+            if stats[2] > 0:
+                last_return = stats[0] / stats[2]
+                writer.add_scalar("charts/episodic_return", last_return, global_step)
+                writer.add_scalar("charts/episodic_length", stats[1] / stats[2], global_step)
+            finished.zero_()
+            sps = (iteration + 1 - start_iter) * N / (time.time() - start_time)
+            writer.add_scalar("charts/SPS", int(sps), global_step)
+            if iteration >= args.learning_starts:
+                skipped = int(nonfinite_updates)
+                writer.add_scalar("losses/qf_loss", loss.item(), global_step)
+                writer.add_scalar("losses/qf1_values", q[:, 0].mean().item(), global_step)
+                writer.add_scalar("losses/qf2_values", q[:, 1].mean().item(), global_step)
+                writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
+                writer.add_scalar("losses/nonfinite_updates", skipped, global_step)
+                if skipped >= args.max_nonfinite_updates:
+                    writer.close()
+                    fail(f"{skipped} updates had a non-finite loss or gradient (each skipped); stopping at "
+                         f"step {global_step}. Try a smaller --learning-rate or --alpha.")
+            eta = (num_iterations - iteration - 1) * N / max(sps, 1e-9)
+            print(f"step {global_step}/{num_iterations * N} | SPS {sps:.0f} | "
+                  f"left {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m | episodic_return {last_return:.1f} | "
+                  f"eval {last_eval:.1f}", flush=True)
+        if global_step // args.eval_frequency > (global_step - N) // args.eval_frequency or iteration + 1 == num_iterations:
+            env.last_obs = obs
+            last_eval, eval_obs = evaluate(flow, normalizer, eval_env, args.eval_episodes,
+                                           fresh_start=eval_env is not env)
+            if eval_env is env:  # Isaac Gym: continue training from where evaluation left the envs
+                obs, ep_return[:], ep_length[:] = eval_obs, 0.0, 0.0
+            writer.add_scalar("eval/return", last_eval, global_step)
+            if args.save_model and last_eval > best_eval:
+                save_atomic(model_checkpoint(flow, normalizer, args, obs_dim, act_dim, global_step),
+                            f"{run_dir}/{args.exp_name}_best.cleanrl_model")
+            best_eval = max(best_eval, last_eval)
+        if args.checkpoint_frequency > 0 and (
+                global_step // args.checkpoint_frequency > (global_step - N) // args.checkpoint_frequency
+                or iteration + 1 == num_iterations):
+            write_checkpoint(global_step)  # also at the end: resume with a larger --total-timesteps
+
+    if args.save_model:
+        path = f"{run_dir}/{args.exp_name}.cleanrl_model"
+        save_atomic(model_checkpoint(flow, normalizer, args, obs_dim, act_dim, num_iterations * N), path)
+        print(f"model saved to {path}; evaluate it with --eval-checkpoint {path}")
+    env.close()
+    if eval_env is not env:
+        eval_env.close()
+    writer.close()
