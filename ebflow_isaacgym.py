@@ -149,8 +149,7 @@ class GymnasiumVecEnv:
 
     def __init__(self, env_id, num_envs, seed, device):
         try:
-            gym.spec(env_id)  # unknown ids fail here, before any env is built
-            probe = gym.make(env_id)
+            probe = gym.make(env_id)  # unknown ids fail here, before the vector env is built
         except gym.error.Error as e:
             fail(f"cannot make environment {env_id!r}: {e}")
         space = probe.action_space

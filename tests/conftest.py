@@ -11,7 +11,7 @@ os.environ.setdefault("MUJOCO_GL", "osmesa")
 
 def run_script(script, *args, cwd, timeout=600, env=None):
     """Run one of the scripts as a user would, in `cwd`; returns the CompletedProcess."""
-    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 

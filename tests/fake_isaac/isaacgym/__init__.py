@@ -1,0 +1,1 @@
+"""Stand-in for Isaac Gym in tests: the real one needs an NVIDIA GPU and is not on any registry."""
