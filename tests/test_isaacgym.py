@@ -169,3 +169,61 @@ def test_gymnasium_backend_learns_inverted_pendulum(run, tmp_path):
     assert ev.returncode == 0, ev.stderr
     printed = float(re.search(r"deterministic return (-?[\d.]+)", ev.stdout).group(1))
     assert printed >= 0.5 * max(evals)
+
+
+def test_killed_run_resumes_with_its_state_and_finishes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["--backend", "gymnasium", "--env-id", "tests.scripted_env:RandomStart-v0", "--num-envs", 4,
+            "--total-timesteps", 4 * 600, "--learning-starts", 20, "--batch-size", 32, "--buffer-size", 1000,
+            "--checkpoint-frequency", 4 * 150, "--log-frequency", 25, "--eval-frequency", 4 * 300,
+            "--eval-episodes", 2, "--no-cuda"]
+    cmd = [sys.executable, os.path.join(ROOT, SCRIPT), *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    step = saved["train_state"]["global_step"]
+    assert step % 600 == 0 and step < 2400
+    out = subprocess.run(cmd + ["--resume", run_dir], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"at step {step}" in out.stdout
+    final = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert final["train_state"]["global_step"] == 2400
+    # the buffer continued from the saved one: its first rows are the saved rows, untouched
+    n = saved["train_state"]["buffer"]["size"]
+    assert final["train_state"]["buffer"]["size"] == 600
+    for key in ["obs", "actions", "rewards", "next_obs", "terminated"]:
+        assert torch.equal(final["train_state"]["buffer"][key][:n], saved["train_state"]["buffer"][key])
+    # the normaliser kept counting from the saved statistics (one reset + 4 per vector step)
+    assert final["obs_normalizer"]["count"].item() > saved["obs_normalizer"]["count"].item()
+    # the Adam step count went on from the saved one: one update per vector step after learning_starts
+    adam_steps = [s["step"].item() for s in final["train_state"]["optimizer"]["state"].values()]
+    assert set(adam_steps) == {600 - 20}
+    # TensorBoard: every logged step exactly once
+    qf = scalars(run_dir)["losses/qf_loss"]
+    steps = [s for s, _ in qf]
+    assert steps == sorted(set(steps)) and steps[-1] == 2400
+
+
+def test_malicious_checkpoint_is_refused(run, tmp_path):
+    import pickle
+
+    from .test_resume import CreatesAFile
+
+    victim, evil = tmp_path / "pwned.txt", tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"format": isaac.CHECKPOINT_FORMAT, "model": CreatesAFile(str(victim))}, f)
+    for flag in ["--resume", "--eval-checkpoint"]:
+        out = run(SCRIPT, "--backend", "gymnasium", "--env-id", "Ant-v4", flag, evil)
+        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert out.stderr.strip().splitlines()[-1].startswith("error: refusing to load")
+        assert not victim.exists()
