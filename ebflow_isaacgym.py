@@ -559,9 +559,6 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.backend == "isaacgym" and isaacgymenvs is None:
-        make_env(args, device)  # the one-line "Isaac Gym is not installed" error
-
     # ---- Reload a saved model and evaluate it (no training) --------------------------------
     if args.eval_checkpoint is not None:
         ckpt = load_checkpoint(args.eval_checkpoint)
@@ -577,6 +574,9 @@ if __name__ == "__main__":
         print(f"{args.env_id}: deterministic return {mean_return:.1f} over {args.eval_episodes} episodes "
               f"(checkpoint step {ckpt['global_step']})")
         sys.exit(0)
+
+    if args.backend == "isaacgym" and isaacgymenvs is None:
+        make_env(args, device)  # the one-line "Isaac Gym is not installed" error, before anything else
 
     # ---- Resume: take the run's name and training state from its checkpoint -----------------
     resume_ckpt = None
