@@ -525,16 +525,18 @@ def model_checkpoint(flow, normalizer, args, obs_dim, act_dim, step):
             "obs_normalizer": normalizer.state_dict()}
 
 
-def evaluate(flow, normalizer, env, episodes, fresh_start, max_steps=100_000):
+def evaluate(flow, normalizer, env, episodes, obs=None, seed=0, max_steps=100_000):
     """Mean deterministic return (u = 0, eval mode) over the first `episodes` episodes that start here.
 
-    fresh_start: the env was just reset, so its current episodes count; otherwise (Isaac Gym's training
-    envs, which cannot all be reset at once) only episodes that begin during the evaluation count.
-    Returns the mean return and the observation to continue from.
+    obs=None: reset the envs (with `seed`) and count each env's first episode. Otherwise `obs` is the
+    current observation of envs that cannot all be reset at once (Isaac Gym's training envs), and only
+    episodes that begin during the evaluation count. Returns the mean return and the last observation.
     """
     was_training = flow.training
     flow.eval()
-    obs = env.reset(seed=0) if fresh_start else env.last_obs
+    fresh_start = obs is None
+    if fresh_start:
+        obs = env.reset(seed=seed)
     counting = torch.full((env.num_envs,), fresh_start, dtype=torch.bool, device=obs.device)
     ep_return = torch.zeros(env.num_envs, device=obs.device)
     returns = []
@@ -551,8 +553,22 @@ def evaluate(flow, normalizer, env, episodes, fresh_start, max_steps=100_000):
         if len(returns) >= episodes:
             break
     flow.train(was_training)
-    env.last_obs = obs
     return float(np.mean(returns[:episodes])) if returns else float("nan"), obs
+
+
+def rng_state():
+    """Python, numpy and torch RNG states as plain data (the vector envs' own RNGs are not saved)."""
+    return {"python": random.getstate(), "numpy": {"state": np.random.get_state()[1].tolist(),
+            "rest": list(np.random.get_state()[2:])}, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", np.array(state["numpy"]["state"], dtype=np.uint32), *state["numpy"]["rest"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 if __name__ == "__main__":
@@ -568,8 +584,8 @@ if __name__ == "__main__":
         normalizer = RunningMeanStd(ckpt["obs_dim"], ckpt["obs_clip"]).to(device)
         flow.load_state_dict(ckpt["model"])
         normalizer.load_state_dict(ckpt["obs_normalizer"])
-        env.last_obs = env.reset(seed=args.seed)
-        mean_return, _ = evaluate(flow, normalizer, env, args.eval_episodes, fresh_start=args.backend == "gymnasium")
+        obs = env.reset(seed=args.seed) if args.backend == "isaacgym" else None
+        mean_return, _ = evaluate(flow, normalizer, env, args.eval_episodes, obs=obs, seed=args.seed)
         env.close()
         print(f"{args.env_id}: deterministic return {mean_return:.1f} over {args.eval_episodes} episodes "
               f"(checkpoint step {ckpt['global_step']})")
@@ -637,12 +653,7 @@ if __name__ == "__main__":
             fail(f"checkpoint does not fit this run: {str(e).splitlines()[0][:200]}")
         start_iter, best_eval, last_eval = ts["global_step"] // N, ts["best_eval"], ts["last_eval"]
         nonfinite_updates.fill_(ts["nonfinite_updates"])
-        random.setstate(ts["rng"]["python"])
-        np.random.set_state(("MT19937", np.array(ts["rng"]["numpy"]["state"], dtype=np.uint32),
-                             *ts["rng"]["numpy"]["rest"]))
-        torch.set_rng_state(ts["rng"]["torch"])
-        if ts["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
+        set_rng_state(ts["rng"])
         print(f"resumed {run_name} at step {ts['global_step']} (buffer {rb.size} x {N} transitions); "
               "the environments start fresh episodes")
 
@@ -669,10 +680,7 @@ if __name__ == "__main__":
             "args": asdict(args), "run_name": run_name, "global_step": step,
             "target_model": target_flow.state_dict(), "optimizer": optimizer.state_dict(),
             "buffer": rb.state_dict(), "best_eval": best_eval, "last_eval": last_eval,
-            "nonfinite_updates": float(nonfinite_updates),
-            "rng": {"python": random.getstate(), "numpy": {"state": np.random.get_state()[1].tolist(),
-                    "rest": list(np.random.get_state()[2:])}, "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+            "nonfinite_updates": float(nonfinite_updates), "rng": rng_state()}
         save_atomic(ckpt, f"{run_dir}/checkpoint.pt")
 
     # ---- Training loop: one iteration = one vector step (N transitions) + one gradient step ----
@@ -740,9 +748,8 @@ if __name__ == "__main__":
                   f"left {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m | episodic_return {last_return:.1f} | "
                   f"eval {last_eval:.1f}", flush=True)
         if global_step // args.eval_frequency > (global_step - N) // args.eval_frequency or iteration + 1 == num_iterations:
-            env.last_obs = obs
             last_eval, eval_obs = evaluate(flow, normalizer, eval_env, args.eval_episodes,
-                                           fresh_start=eval_env is not env)
+                                           obs=obs if eval_env is env else None)
             if eval_env is env:  # Isaac Gym: continue training from where evaluation left the envs
                 obs, ep_return[:], ep_length[:] = eval_obs, 0.0, 0.0
             writer.add_scalar("eval/return", last_eval, global_step)

@@ -9,31 +9,26 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ebflow_continuous_action as meow
+
+from .conftest import read_tensorboard
 
 SCRIPT = "ebflow_continuous_action.py"
 SHORT = ["--total-timesteps", 1200, "--learning-starts", 600, "--eval-frequency", 600, "--eval-episodes", 2,
          "--log-frequency", 200, "--batch-size", 64]
 
 
-def scalars(run_dir):
-    ea = EventAccumulator(run_dir)
-    ea.Reload()
-    return ea, {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
-
-
 def test_short_hopper_run_logs_tags_saves_and_reloads(run, tmp_path):
     out = run(SCRIPT, "--env-id", "Hopper-v4", *SHORT, "--save-model")
     assert out.returncode == 0, out.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "Hopper-v4__*"))
-    ea, tags = scalars(run_dir)
+    tags, text_tags = read_tensorboard(run_dir)
     for tag in ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/qf_loss",
                 "losses/nonfinite_updates", "eval/return"]:
         assert tags.get(tag), f"missing {tag}"
     assert [s for s, _ in tags["eval/return"]] == [599, 1199]
-    assert "hyperparameters/text_summary" in ea.Tags()["tensors"]
+    assert "hyperparameters/text_summary" in text_tags
     assert re.search(r"step 1200/1200 \| SPS \d+ \| left 0h00m", out.stdout)
     model = os.path.join(run_dir, "ebflow_continuous_action.cleanrl_model")
     assert os.path.exists(model) and os.path.exists(model.replace(".cleanrl_model", "_best.cleanrl_model"))
@@ -93,7 +88,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(run, tmp_path):
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "non-finite" in out.stderr.strip().splitlines()[-1]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
-    _, tags = scalars(run_dir)
+    tags, _ = read_tensorboard(run_dir)
     counts = [v for _, v in tags["losses/nonfinite_updates"]]
     assert counts and counts[-1] >= 20
 

@@ -2,16 +2,17 @@
 import glob
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ebflow_isaacgym as isaac
 
 from . import fake_isaac
-from .conftest import ROOT
+from .conftest import ROOT, kill_after_first_checkpoint, read_tensorboard
 from .fake_isaac import isaacgymenvs as fake_isaacgymenvs
 from .test_buffer import expected_transitions
 
@@ -21,9 +22,7 @@ WITH_FAKE_ISAAC = {"PYTHONPATH": os.pathsep.join([os.path.dirname(fake_isaac.__f
 
 
 def scalars(run_dir):
-    ea = EventAccumulator(run_dir)
-    ea.Reload()
-    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+    return read_tensorboard(run_dir)[0]
 
 
 def fake_isaac_env(monkeypatch, num_envs=4):
@@ -172,24 +171,13 @@ def test_gymnasium_backend_learns_inverted_pendulum(run, tmp_path):
 
 
 def test_killed_run_resumes_with_its_state_and_finishes(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
     args = ["--backend", "gymnasium", "--env-id", "tests.scripted_env:RandomStart-v0", "--num-envs", 4,
             "--total-timesteps", 4 * 600, "--learning-starts", 20, "--batch-size", 32, "--buffer-size", 1000,
             "--checkpoint-frequency", 4 * 150, "--log-frequency", 25, "--eval-frequency", 4 * 300,
             "--eval-episodes", 2, "--no-cuda"]
     cmd = [sys.executable, os.path.join(ROOT, SCRIPT), *map(str, args)]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    run_dir = kill_after_first_checkpoint(cmd, str(tmp_path), env)
     saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     step = saved["train_state"]["global_step"]
     assert step % 600 == 0 and step < 2400

@@ -3,9 +3,10 @@ import glob
 import re
 
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ebflow_continuous_action as meow
+
+from .conftest import read_tensorboard
 
 
 def test_two_equally_good_actions_get_mass_on_both():
@@ -39,9 +40,7 @@ def test_inverted_pendulum_reaches_900_within_10k_steps(run, tmp_path):
               env={"OMP_NUM_THREADS": "1"})  # one thread: the same float sums on every 2-core machine
     assert out.returncode == 0, out.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "InvertedPendulum-v4__*"))
-    ea = EventAccumulator(run_dir)
-    ea.Reload()
-    evals = [e.value for e in ea.Scalars("eval/return")]
+    evals = [v for _, v in read_tensorboard(run_dir)[0]["eval/return"]]
     print("InvertedPendulum-v4 deterministic eval returns:", evals)
     assert len(evals) == 10 and max(evals) >= 900, evals
     assert re.search(r"step 10000/10000", out.stdout)

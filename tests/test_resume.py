@@ -2,19 +2,15 @@
 import glob
 import os
 import pickle
-import signal
 import subprocess
 import sys
-import time
 
-import gymnasium as gym
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ebflow_continuous_action as meow
 
-from .conftest import ROOT
+from .conftest import ROOT, kill_after_first_checkpoint, read_tensorboard
 
 SCRIPT = "ebflow_continuous_action.py"
 # Episodes of exactly 4 steps from a random start: every checkpoint (a multiple of 400 steps) is at a boundary.
@@ -43,12 +39,6 @@ def assert_same_state(a, b, path="ckpt"):
         assert a == b or (a != a and b != b), f"{path}: {a} != {b}"
 
 
-def tb_scalars(run_dir, tag):
-    ea = EventAccumulator(run_dir)
-    ea.Reload()
-    return [(e.step, e.value) for e in ea.Scalars(tag)]
-
-
 def test_killed_run_resumes_and_matches_the_uninterrupted_run(tmp_path):
     # the uninterrupted run
     ref_dir = tmp_path / "ref"
@@ -62,14 +52,8 @@ def test_killed_run_resumes_and_matches_the_uninterrupted_run(tmp_path):
     # the same run, killed with SIGKILL once it has written a checkpoint
     work = tmp_path / "killed"
     work.mkdir()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, SCRIPT), *map(str, RUN_ARGS)], cwd=work, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not glob.glob(str(work / "runs" / "*" / "checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    (run_dir,) = glob.glob(str(work / "runs" / "*"))
+    run_dir = kill_after_first_checkpoint([sys.executable, os.path.join(ROOT, SCRIPT), *map(str, RUN_ARGS)],
+                                          str(work), env)
     saved = load(os.path.join(run_dir, "checkpoint.pt"))
     saved_step = saved["train_state"]["global_step"]
     assert saved_step % 400 == 0 and saved_step < 1600, "the kill came too late to test anything"
@@ -95,7 +79,8 @@ def test_killed_run_resumes_and_matches_the_uninterrupted_run(tmp_path):
     ref_final["train_state"]["args"]["resume"] = final["train_state"]["args"]["resume"]
     assert_same_state(final, ref_final)
     # and the TensorBoard curve has every step once, with the uninterrupted run's losses
-    losses, ref_losses = tb_scalars(run_dir, "losses/qf_loss"), tb_scalars(ref_run, "losses/qf_loss")
+    losses = read_tensorboard(run_dir)[0]["losses/qf_loss"]
+    ref_losses = read_tensorboard(ref_run)[0]["losses/qf_loss"]
     assert [s for s, _ in losses] == [s for s, _ in ref_losses]
     assert losses == ref_losses
 
