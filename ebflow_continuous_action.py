@@ -560,6 +560,7 @@ if __name__ == "__main__":
 
     # ---- Training loop ------------------------------------------------------------------------
     start_time, needs_reset = time.time(), True
+    log_time = start_time  # time of the last progress line: the time left uses the recent rate
     episodic_return, episodic_length = 0.0, 0
     for global_step in range(start_step, args.total_timesteps):
         if needs_reset:  # first step, after an episode ended, and after a resume
@@ -606,7 +607,10 @@ if __name__ == "__main__":
         if (global_step + 1) % args.log_frequency == 0:
             sps = (global_step + 1 - start_step) / (time.time() - start_time)
             writer.add_scalar("charts/SPS", int(sps), global_step)
-            eta = (args.total_timesteps - global_step - 1) / max(sps, 1e-9)
+            # the recent rate, not the average: random steps before learning_starts are far faster
+            now = time.time()
+            eta = (args.total_timesteps - global_step - 1) * (now - log_time) / args.log_frequency
+            log_time = now
             print(f"step {global_step + 1}/{args.total_timesteps} | SPS {sps:.0f} | "
                   f"left {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m | episodic_return {last_return:.1f} | "
                   f"eval {last_eval:.1f}", flush=True)

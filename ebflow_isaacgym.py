@@ -691,6 +691,7 @@ if __name__ == "__main__":
     ep_return, ep_length = torch.zeros(N, device=device), torch.zeros(N, device=device)
     finished = torch.zeros(3, device=device)  # sum of returns, sum of lengths, count of finished episodes
     last_return, start_time = float("nan"), time.time()
+    log_time = start_time  # time of the last progress line: the time left uses the recent rate
     for iteration in range(start_iter, num_iterations):
         global_step = (iteration + 1) * N  # transitions collected so far, over all envs
 
@@ -743,7 +744,10 @@ if __name__ == "__main__":
                     writer.close()
                     fail(f"{skipped} updates had a non-finite loss or gradient (each skipped); stopping at "
                          f"step {global_step}. Try a smaller --learning-rate or --alpha.")
-            eta = (num_iterations - iteration - 1) * N / max(sps, 1e-9)
+            # the recent rate, not the average: random steps before learning_starts are far faster
+            now = time.time()
+            eta = (num_iterations - iteration - 1) * (now - log_time) / args.log_frequency
+            log_time = now
             print(f"step {global_step}/{num_iterations * N} | SPS {sps:.0f} | "
                   f"left {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m | episodic_return {last_return:.1f} | "
                   f"eval {last_eval:.1f}", flush=True)
