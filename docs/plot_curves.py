@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # approximate values read off the paper's Fig. 3 (mean of 5 seeds), as quoted in MEOW.md section 4
@@ -29,9 +30,15 @@ if __name__ == "__main__":
         mean = [sum(v) / len(v) for v in values]
         ax.plot(steps, mean, label=f"ours, mean of {max(len(v) for v in values)} seeds")
         ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.25, label="min-max")
+        off_axis = []
         for step, value in PAPER.get(env, []):
-            if step <= 1.2 * steps[-1]:
-                ax.plot([step], [value], "k*", markersize=10, label=f"paper Fig. 3 at {step // 1000}k")
+            if step <= 1.5 * steps[-1]:
+                ax.plot([step], [value], "k*", markersize=10, label=f"paper Fig. 3 at {step // 1000}k (5 seeds)")
+            else:
+                off_axis.append(f"paper: ~{value:,} at {step / 1e6:g}M")
+        if off_axis:
+            ax.text(0.98, 0.03, "\n".join(off_axis), transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
         ax.set_title(env)
         ax.set_xlabel("environment steps")
         ax.set_ylabel("deterministic evaluation return")

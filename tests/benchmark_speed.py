@@ -1,7 +1,7 @@
 """Speed benchmark (not collected by pytest): python tests/benchmark_speed.py [--steps N] [--no-loop]
 
 Prints, for a fixed seed and Hopper-v4 shapes (obs 11, action 3, batch 256):
-  * ms per update: the script's update (eager and torch.compile) and, in the same run, the
+  * ms per update (median of interleaved rounds): the script's update (eager and torch.compile) and, in the same run, the
     straightforward evaluation of tests/meow_reference.py (V by a full pass of a zero action
     through the flow, both shift heads by doubling the batch, default Adam, Polyak by a Python
     loop over all parameters): what the authors' code does;
@@ -78,17 +78,22 @@ def time_ms(fn, n, device, warmup=20):
     return (time.perf_counter() - t) / n * 1e3
 
 
-def bench_updates(device, n):
-    out = {}
+def bench_updates(device, n, rounds=5):
+    """Interleaved: each round times n // rounds updates of every variant in turn; the median round is kept,
+    so a slow spell of the shared machine does not land on one variant only."""
+    variants = {}
     for name in ["straightforward", "eager", "compile"]:
         flow, target, rb = make_setup(device)
-        if name == "straightforward":
-            upd = straightforward_update_fn(flow, target)
-        else:
-            upd = fast_update_fn(flow, target, compiled=(name == "compile"))
-        torch.manual_seed(1)
-        out[name] = time_ms(lambda: upd(rb.sample(BATCH)), n, device, warmup=30 if name == "compile" else 20)
-    return out
+        upd = straightforward_update_fn(flow, target) if name == "straightforward" else \
+            fast_update_fn(flow, target, compiled=(name == "compile"))
+        variants[name] = (upd, rb)
+        time_ms(lambda: upd(rb.sample(BATCH)), 1, device, warmup=30)  # compile and warm up outside the timing
+    times = {name: [] for name in variants}
+    torch.manual_seed(1)
+    for _ in range(rounds):
+        for name, (upd, rb) in variants.items():
+            times[name].append(time_ms(lambda: upd(rb.sample(BATCH)), max(n // rounds, 1), device, warmup=2))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def bench_act(device, n):
