@@ -1,4 +1,5 @@
 """Speed benchmark (not collected by pytest): python tests/benchmark_speed.py [--steps N] [--no-loop]
+                                             [--authors-script PATH [--authors-python PYTHON]]
 
 Prints, for a fixed seed and Hopper-v4 shapes (obs 11, action 3, batch 256):
   * ms per update (median of interleaved rounds): the script's update (eager and torch.compile) and, in the same run, the
@@ -8,12 +9,21 @@ Prints, for a fixed seed and Hopper-v4 shapes (obs 11, action 3, batch 256):
   * ms per action (batch of one observation, inference mode), eager and compiled;
   * whole-loop SPS of `ebflow_continuous_action.py` on Hopper-v4 (a short run), eager and --compile;
 on CPU, and on CUDA when present. Ratios are measured side by side in this one run.
+
+With --authors-script (the authors' `meow_continuous_action.py` from their repository, run by
+--authors-python: an interpreter with what it needs, e.g. gymnasium 0.29 and stable-baselines3), it
+also times whole training processes of that script and of this one on Hopper-v4 with the same
+settings, alternating between them: steps per second once updates run, read from the wall-clock
+times of the `losses/qf_loss` TensorBoard events both scripts write every 1,000 steps. Runs in
+rounds (authors, eager, --compile) and reports the median round's ratios.
 """
 import argparse
+import glob
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -125,12 +135,59 @@ def bench_loop(device, steps, compiled):
     return f"{sps[-1]} SPS over {steps} steps ({steps - 1000} with updates; wall {time.time() - t:.0f}s incl. start-up)"
 
 
+def update_phase_sps(cmd, python, first, last):
+    """Run a training process; its steps/s between the qf_loss events at steps `first` and `last`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with tempfile.TemporaryDirectory() as cwd:
+        out = subprocess.run([python] + cmd, capture_output=True, text=True, cwd=cwd)
+        if out.returncode != 0:
+            raise SystemExit(f"{cmd[0]} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+        acc = EventAccumulator(glob.glob(f"{cwd}/runs/*")[0])
+        acc.Reload()
+        wall = {e.step: e.wall_time for e in acc.Scalars("losses/qf_loss")}
+    return (last - first) / (wall[last] - wall[first])
+
+
+def bench_vs_authors(script, python, rounds, learning_starts=1000, total=6001):
+    """Whole-process steps/s of the authors' script and of this one (eager, --compile), same Hopper-v4
+    settings (their defaults: batch 256, lr 1e-3, tau 0.005, buffer 1e6; seed 1), alternating in
+    `rounds`. This machine's speed drifts by tens of percent within minutes, so each round's ratio
+    compares neighbouring runs, and the median round is reported."""
+    first, last = learning_starts + 1000, total - 1  # whole 1,000-step intervals with updates only
+    common = ["--env-id", "Hopper-v4", "--seed", "1", "--total-timesteps", str(total),
+              "--learning-starts", str(learning_starts), "--no-cuda"]
+    ours = [os.path.join(ROOT, "ebflow_continuous_action.py"), *common, "--log-frequency", "1000",
+            "--eval-frequency", str(10 * total), "--exp-name", "benchmark"]
+    # (the authors' script evaluates every 10,000 steps: keep total <= 10,001)
+    variants = {"authors": (python, [script, *common]), "eager": (sys.executable, ours),
+                "compile": (sys.executable, ours + ["--compile"])}
+    ratios = {"eager": [], "compile": []}
+    for r in range(rounds):
+        sps = {name: update_phase_sps(cmd, py, first, last) for name, (py, cmd) in variants.items()}
+        for name in ratios:
+            ratios[name].append(sps[name] / sps["authors"])
+        print(f"  round {r + 1}: steps/s authors {sps['authors']:.0f} | eager {sps['eager']:.0f} "
+              f"({ratios['eager'][-1]:.2f}x) | compile {sps['compile']:.0f} ({ratios['compile'][-1]:.2f}x)", flush=True)
+    return {name: sorted(v)[len(v) // 2] for name, v in ratios.items()}
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--updates", type=int, default=300)
     p.add_argument("--steps", type=int, default=4000, help="steps of the whole-loop runs")
     p.add_argument("--no-loop", action="store_true", help="skip the whole-loop runs")
+    p.add_argument("--authors-script", help="the authors' meow_continuous_action.py: time it against this script")
+    p.add_argument("--authors-python", default=sys.executable, help="interpreter for --authors-script")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the --authors-script comparison")
     cli = p.parse_args()
+    if cli.authors_script:
+        print(f"whole training process, Hopper-v4, CPU, {torch.get_num_threads()} threads: steps/s from step 2,000 "
+              f"to 6,000 (learning starts at 1,000), {cli.rounds} rounds of authors / eager / --compile")
+        r = bench_vs_authors(os.path.abspath(cli.authors_script), cli.authors_python, cli.rounds)
+        print(f"[cpu] whole process, median round: eager {r['eager']:.2f}x the authors' steps/s, "
+              f"--compile {r['compile']:.2f}x")
+        sys.exit()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU: {os.cpu_count()} cores" + (f", GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))

@@ -162,3 +162,24 @@ def test_soft_v_closed_form_matches_its_definition():
     obs = torch.randn(10, 3, dtype=torch.float64)
     expected = 0.2 * (flow.log_sigma(obs).sum(1, keepdim=True) + 2 * math.log(2 * math.pi) + flow.shifts(obs))
     assert torch.allclose(flow.soft_v(obs), expected)
+
+
+def test_set_dropout_does_what_train_and_eval_do():
+    """The loop switches dropout with set_dropout (cheap) instead of .train()/.eval(): same outputs."""
+    flow = random_flow(4, 3)
+    obs, act = torch.randn(32, 4, dtype=torch.float64), torch.rand(32, 3, dtype=torch.float64) * 1.8 - 0.9
+
+    def outputs(seed):
+        torch.manual_seed(seed)
+        return torch.cat([flow.sample(obs), flow.soft_q(obs, act), flow.soft_v(obs)], dim=1)
+
+    flow.eval()
+    eval_out = outputs(1)
+    flow.train()
+    train_out = outputs(1)
+    assert not torch.allclose(train_out, eval_out)  # dropout is active in train mode: the check can fail
+    flow.set_dropout(False)  # still in train mode, dropout off
+    assert torch.equal(outputs(1), eval_out)
+    flow.eval()
+    flow.set_dropout(True)  # in eval mode, dropout on
+    assert torch.equal(outputs(1), train_out)

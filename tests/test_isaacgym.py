@@ -215,3 +215,42 @@ def test_malicious_checkpoint_is_refused(run, tmp_path):
         assert out.returncode != 0 and "Traceback" not in out.stderr
         assert out.stderr.strip().splitlines()[-1].startswith("error: refusing to load")
         assert not victim.exists()
+
+
+def test_isaac_flow_and_loss_match_the_single_env_script():
+    """The Isaac script carries its own copy of the network and loss (CleanRL style): same weights in,
+    same Q, V, log pi, actions (same RNG) and loss out; `valid` masks transitions out of the mean."""
+    import ebflow_continuous_action as meow
+
+    torch.manual_seed(0)
+    ours = meow.EBFlowPolicy(5, 3, 0.3, -3.0, -0.3, flow_hidden=16, shift_hidden=16).double()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+    theirs = isaac.EBFlowPolicy(5, 3, 0.3, -3.0, -0.3, flow_hidden=16, shift_hidden=16).double()
+    theirs.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(1)
+    obs, next_obs = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randn(40, 5, generator=g, dtype=torch.float64)
+    act = torch.rand(40, 3, generator=g, dtype=torch.float64) * 1.8 - 0.9
+    rew, term = torch.randn(40, generator=g, dtype=torch.float64), (torch.rand(40, generator=g) < 0.3).double()
+    for net in (ours, theirs):
+        net.eval()
+        net.set_dropout(False)
+    assert torch.equal(theirs.soft_q(obs, act), ours.soft_q(obs, act))
+    assert torch.equal(theirs.soft_v(obs), ours.soft_v(obs))
+    assert torch.equal(theirs.log_prob(obs, act), ours.log_prob(obs, act))
+    assert torch.equal(theirs.deterministic_action(obs), ours.deterministic_action(obs))
+    torch.manual_seed(2)
+    a1 = ours.sample(obs)
+    torch.manual_seed(2)
+    assert torch.equal(theirs.sample(obs), a1)
+    # loss: all valid = the single-env loss; valid masks rows out of the mean
+    valid = torch.ones(40, dtype=torch.float64)
+    loss_ours, _ = meow.soft_bellman_loss(ours, ours, obs, act, rew, next_obs, term, 0.99)
+    loss_theirs, _ = isaac.soft_bellman_loss(theirs, theirs, obs, act, rew, next_obs, term, valid, 0.99)
+    assert torch.allclose(loss_theirs, loss_ours, rtol=1e-12)
+    valid[::2] = 0.0
+    keep = valid.bool()
+    loss_masked, _ = isaac.soft_bellman_loss(theirs, theirs, obs, act, rew, next_obs, term, valid, 0.99)
+    loss_kept, _ = meow.soft_bellman_loss(ours, ours, obs[keep], act[keep], rew[keep], next_obs[keep], term[keep], 0.99)
+    assert torch.allclose(loss_masked, loss_kept, rtol=1e-12)
