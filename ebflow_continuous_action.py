@@ -581,7 +581,9 @@ if __name__ == "__main__":
             action = env.action_space.sample()
         else:
             flow.set_dropout(False)  # acting: no dropout, as in eval mode
-            with torch.inference_mode():
+            # no_grad rather than inference_mode: CUDA-graph trees have a known failure when the same
+            # parameters are first captured under inference_mode, then trained (pytorch/pytorch#135892)
+            with torch.no_grad():
                 action = act_fn(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
             flow.set_dropout(True)
 

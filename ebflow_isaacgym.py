@@ -709,7 +709,9 @@ if __name__ == "__main__":
             actions = env.random_actions()
         else:
             flow.set_dropout(False)  # acting: no dropout, as in eval mode
-            with torch.inference_mode():
+            # no_grad rather than inference_mode: CUDA-graph trees have a known failure when the same
+            # parameters are first captured under inference_mode, then trained (pytorch/pytorch#135892)
+            with torch.no_grad():
                 actions = act_fn(normalizer(obs))
             flow.set_dropout(True)
 

@@ -6,7 +6,7 @@ Prints, for a fixed seed and Hopper-v4 shapes (obs 11, action 3, batch 256):
     straightforward evaluation of tests/meow_reference.py (V by a full pass of a zero action
     through the flow, both shift heads by doubling the batch, default Adam, Polyak by a Python
     loop over all parameters): what the authors' code does;
-  * ms per action (batch of one observation, inference mode), eager and compiled;
+  * ms per action (batch of one observation, no autograd), eager and compiled;
   * whole-loop SPS of `ebflow_continuous_action.py` on Hopper-v4 (a short run), eager and --compile;
 on CPU, and on CUDA when present. Ratios are measured side by side in this one run.
 
@@ -111,11 +111,12 @@ def bench_act(device, n):
     for name in ["eager", "compile"]:
         flow, _, _ = make_setup(device)
         flow.eval()
-        act = torch.compile(flow.sample) if name == "compile" else flow.sample
+        # as the training loop acts: CUDA graphs on GPU, no autograd
+        act = torch.compile(flow.sample, mode=meow.compile_mode(device)) if name == "compile" else flow.sample
         obs = torch.randn(OBS_DIM).numpy()
 
         def step():
-            with torch.inference_mode():
+            with torch.no_grad():
                 return act(torch.as_tensor(obs, device=device)[None])[0].cpu().numpy()
 
         out[name] = time_ms(step, n, device)
