@@ -21,6 +21,7 @@ import argparse
 import glob
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,7 +104,7 @@ def bench_updates(device, n, rounds=5):
     for _ in range(rounds):
         for name, (upd, rb) in variants.items():
             times[name].append(time_ms(lambda: upd(rb.sample(BATCH)), max(n // rounds, 1), device, warmup=2))
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {name: statistics.median_high(t) for name, t in times.items()}
 
 
 def bench_act(device, n):
@@ -123,11 +124,16 @@ def bench_act(device, n):
     return out
 
 
+def training_cmd(total, learning_starts, log_frequency, device, compiled):
+    """Arguments of a Hopper-v4 training run of this script, seed 1, no evaluation during the run."""
+    return [os.path.join(ROOT, "ebflow_continuous_action.py"), "--env-id", "Hopper-v4", "--seed", "1",
+            "--total-timesteps", str(total), "--learning-starts", str(learning_starts),
+            "--log-frequency", str(log_frequency), "--eval-frequency", str(10 * total), "--exp-name", "benchmark",
+            "--cuda" if device.type == "cuda" else "--no-cuda"] + (["--compile"] if compiled else [])
+
+
 def bench_loop(device, steps, compiled):
-    cmd = [sys.executable, os.path.join(ROOT, "ebflow_continuous_action.py"), "--env-id", "Hopper-v4",
-           "--total-timesteps", str(steps), "--learning-starts", "1000", "--eval-frequency", str(10 * steps),
-           "--log-frequency", str(steps // 2), "--seed", "1", "--exp-name", "benchmark"]
-    cmd += ["--cuda" if device.type == "cuda" else "--no-cuda"] + (["--compile"] if compiled else [])
+    cmd = [sys.executable] + training_cmd(steps, 1000, steps // 2, device, compiled)
     t = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.environ.get("TMPDIR", "/tmp"))
     if out.returncode != 0:
@@ -156,13 +162,15 @@ def bench_vs_authors(script, python, rounds, learning_starts=1000, total=6001):
     `rounds`. This machine's speed drifts by tens of percent within minutes, so each round's ratio
     compares neighbouring runs, and the median round is reported."""
     first, last = learning_starts + 1000, total - 1  # whole 1,000-step intervals with updates only
-    common = ["--env-id", "Hopper-v4", "--seed", "1", "--total-timesteps", str(total),
-              "--learning-starts", str(learning_starts), "--no-cuda"]
-    ours = [os.path.join(ROOT, "ebflow_continuous_action.py"), *common, "--log-frequency", "1000",
-            "--eval-frequency", str(10 * total), "--exp-name", "benchmark"]
+    print(f"whole training process, Hopper-v4, CPU, {torch.get_num_threads()} threads: steps/s from step "
+          f"{first:,} to {last:,} (learning starts at {learning_starts:,}), {rounds} rounds of authors / eager / --compile")
+    cpu = torch.device("cpu")
     # (the authors' script evaluates every 10,000 steps: keep total <= 10,001)
-    variants = {"authors": (python, [script, *common]), "eager": (sys.executable, ours),
-                "compile": (sys.executable, ours + ["--compile"])}
+    authors = [script, "--env-id", "Hopper-v4", "--seed", "1", "--total-timesteps", str(total),
+               "--learning-starts", str(learning_starts), "--no-cuda"]
+    variants = {"authors": (python, authors),
+                "eager": (sys.executable, training_cmd(total, learning_starts, 1000, cpu, compiled=False)),
+                "compile": (sys.executable, training_cmd(total, learning_starts, 1000, cpu, compiled=True))}
     ratios = {"eager": [], "compile": []}
     for r in range(rounds):
         sps = {name: update_phase_sps(cmd, py, first, last) for name, (py, cmd) in variants.items()}
@@ -170,7 +178,7 @@ def bench_vs_authors(script, python, rounds, learning_starts=1000, total=6001):
             ratios[name].append(sps[name] / sps["authors"])
         print(f"  round {r + 1}: steps/s authors {sps['authors']:.0f} | eager {sps['eager']:.0f} "
               f"({ratios['eager'][-1]:.2f}x) | compile {sps['compile']:.0f} ({ratios['compile'][-1]:.2f}x)", flush=True)
-    return {name: sorted(v)[len(v) // 2] for name, v in ratios.items()}
+    return {name: statistics.median_high(v) for name, v in ratios.items()}
 
 
 if __name__ == "__main__":
@@ -183,8 +191,6 @@ if __name__ == "__main__":
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the --authors-script comparison")
     cli = p.parse_args()
     if cli.authors_script:
-        print(f"whole training process, Hopper-v4, CPU, {torch.get_num_threads()} threads: steps/s from step 2,000 "
-              f"to 6,000 (learning starts at 1,000), {cli.rounds} rounds of authors / eager / --compile")
         r = bench_vs_authors(os.path.abspath(cli.authors_script), cli.authors_python, cli.rounds)
         print(f"[cpu] whole process, median round: eager {r['eager']:.2f}x the authors' steps/s, "
               f"--compile {r['compile']:.2f}x")

@@ -15,6 +15,8 @@ from . import fake_isaac
 from .conftest import ROOT, kill_after_first_checkpoint, read_tensorboard
 from .fake_isaac import isaacgymenvs as fake_isaacgymenvs
 from .test_buffer import expected_transitions
+from .test_flow_math import random_flow
+from .test_loss import batch
 
 SCRIPT = "ebflow_isaacgym.py"
 # the fake `isaacgym` and `isaacgymenvs` packages first on the path, as if Isaac Gym were installed
@@ -222,20 +224,10 @@ def test_isaac_flow_and_loss_match_the_single_env_script():
     same Q, V, log pi, actions (same RNG) and loss out; `valid` masks transitions out of the mean."""
     import ebflow_continuous_action as meow
 
-    torch.manual_seed(0)
-    ours = meow.EBFlowPolicy(5, 3, 0.3, -3.0, -0.3, flow_hidden=16, shift_hidden=16).double()
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.normal_(0, 0.3)
-    theirs = isaac.EBFlowPolicy(5, 3, 0.3, -3.0, -0.3, flow_hidden=16, shift_hidden=16).double()
-    theirs.load_state_dict(ours.state_dict())
-    g = torch.Generator().manual_seed(1)
-    obs, next_obs = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randn(40, 5, generator=g, dtype=torch.float64)
-    act = torch.rand(40, 3, generator=g, dtype=torch.float64) * 1.8 - 0.9
-    rew, term = torch.randn(40, generator=g, dtype=torch.float64), (torch.rand(40, generator=g) < 0.3).double()
-    for net in (ours, theirs):
-        net.eval()
-        net.set_dropout(False)
+    ours = random_flow(5, 3)  # float64, eval mode, every weight random
+    theirs = isaac.EBFlowPolicy(5, 3, ours.alpha, ours.sigma_min, ours.sigma_max, flow_hidden=16, shift_hidden=16)
+    theirs.double().eval().load_state_dict(ours.state_dict())
+    obs, act, rew, next_obs, term = batch(obs_dim=5, act_dim=3, n=40)
     assert torch.equal(theirs.soft_q(obs, act), ours.soft_q(obs, act))
     assert torch.equal(theirs.soft_v(obs), ours.soft_v(obs))
     assert torch.equal(theirs.log_prob(obs, act), ours.log_prob(obs, act))
