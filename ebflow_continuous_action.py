@@ -284,8 +284,17 @@ def soft_bellman_loss(flow, target_flow, obs, actions, rewards, next_obs, termin
     return loss, q.detach()
 
 
-def compile_mode(device):
-    return "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
+def compile_fn(fn, device):
+    """torch.compile for --compile. On a GPU, mode="reduce-overhead": CUDA graphs.
+    On a CPU, the random numbers inside compiled code (dropout masks, the acting noise u) come from
+    ATen, as in eager mode, not from inductor's own generator: ATen's are faster there (compiled update
+    5.31 -> 4.95 ms on a 2-core CPU), and a --compile run draws the same masks and noise as an eager
+    run with the same seed. Left as it is on GPUs, where it has not been measured."""
+    if device.type == "cpu":
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
+    return torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
 def make_update(flow, target_flow, args, compile=False):
@@ -302,7 +311,7 @@ def make_update(flow, target_flow, args, compile=False):
     online_v = list(flow.log_scale_net.parameters()) + list(flow.shift_nets.parameters())
     target_v = list(target_flow.log_scale_net.parameters()) + list(target_flow.shift_nets.parameters())
     device = params[0].device
-    loss_fn = torch.compile(soft_bellman_loss, mode=compile_mode(device)) if compile else soft_bellman_loss
+    loss_fn = compile_fn(soft_bellman_loss, device) if compile else soft_bellman_loss
     nonfinite_updates = torch.zeros((), device=device)
 
     def update(data):
@@ -521,7 +530,7 @@ if __name__ == "__main__":
 
     update, optimizer, nonfinite_updates = make_update(flow, target_flow, args, compile=args.compile)
     # acting: a ~ pi(.|s); --compile fuses it (CUDA graphs on GPU)
-    act_fn = torch.compile(flow.sample, mode=compile_mode(device)) if args.compile else flow.sample
+    act_fn = compile_fn(flow.sample, device) if args.compile else flow.sample
 
     # ---- Counters, restored on resume -------------------------------------------------------
     start_step, best_eval, last_eval, last_return = 0, -math.inf, float("nan"), float("nan")

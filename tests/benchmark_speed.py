@@ -113,7 +113,7 @@ def bench_act(device, n):
         flow, _, _ = make_setup(device)
         flow.eval()
         # as the training loop acts: CUDA graphs on GPU, no autograd
-        act = torch.compile(flow.sample, mode=meow.compile_mode(device)) if name == "compile" else flow.sample
+        act = meow.compile_fn(flow.sample, device) if name == "compile" else flow.sample
         obs = torch.randn(OBS_DIM).numpy()
 
         def step():

@@ -132,19 +132,34 @@ def test_nonfinite_loss_skips_the_update_and_is_counted():
     assert skipped.item() == 1 and all(torch.isfinite(v).all() for v in flow.state_dict().values())
 
 
-def test_compiled_loss_and_gradients_equal_eager():
-    """--compile's loss (torch.compile, inductor on CPU) against eager, float32: loss within 1e-5
-    relative, each gradient tensor within 1e-4 relative in norm (fused kernels sum in another order)."""
+def test_compiled_loss_gradients_and_actions_equal_eager_for_the_same_seed():
+    """--compile (compile_fn, inductor on CPU) against eager, float32, dropout on: with the same seed
+    the compiled loss draws the same dropout masks and the compiled policy the same noise u (ATen's
+    random numbers in both). Loss within 1e-5 relative, each gradient tensor within 1e-4 relative in
+    norm, actions within 1e-5 (fused kernels sum in another order)."""
+    cpu = torch.device("cpu")
     flow, target = make_pair(dtype=torch.float32)
-    flow.eval()
     data = batch(dtype=torch.float32)
-    eager, _ = meow.soft_bellman_loss(flow, target, *data, 0.99)
-    g_eager = torch.autograd.grad(eager, list(flow.parameters()))
-    compiled, _ = torch.compile(meow.soft_bellman_loss)(flow, target, *data, 0.99)
-    g_compiled = torch.autograd.grad(compiled, list(flow.parameters()))
-    assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
-    for (name, _), a, b in zip(flow.named_parameters(), g_eager, g_compiled):
+    compiled_loss_fn = meow.compile_fn(meow.soft_bellman_loss, cpu)
+    losses, grads = {}, {}
+    for name, loss_fn in [("eager", meow.soft_bellman_loss), ("compiled", compiled_loss_fn)]:
+        torch.manual_seed(3)
+        losses[name], _ = loss_fn(flow, target, *data, 0.99)
+        grads[name] = torch.autograd.grad(losses[name], list(flow.parameters()))
+    assert losses["compiled"].item() == pytest.approx(losses["eager"].item(), rel=1e-5)
+    for (name, _), a, b in zip(flow.named_parameters(), grads["eager"], grads["compiled"]):
         assert (a - b).norm() <= 1e-4 * a.norm() + 1e-7, name
+    torch.manual_seed(4)  # dropout is on: other masks, another loss
+    assert compiled_loss_fn(flow, target, *data, 0.99)[0].item() != pytest.approx(losses["eager"].item(), rel=1e-3)
+
+    obs = data[0]
+    flow.set_dropout(False)
+    torch.manual_seed(5)
+    eager_actions = flow.sample(obs)
+    torch.manual_seed(5)
+    compiled_actions = meow.compile_fn(flow.sample, cpu)(obs)
+    assert torch.allclose(compiled_actions, eager_actions, atol=1e-5)
+    assert not torch.allclose(flow.sample(obs), eager_actions, atol=1e-2)  # fresh noise differs
 
 
 def test_compile_flag_runs_end_to_end(run, tmp_path):
