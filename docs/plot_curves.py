@@ -15,7 +15,8 @@ import matplotlib.ticker  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # approximate values read off the paper's Fig. 3 (mean of 5 seeds), as quoted in MEOW.md section 4
-PAPER = {"Hopper-v4": [(250_000, 3000), (1_500_000, 3450)], "HalfCheetah-v4": [(1_500_000, 11500)]}
+PAPER = {"Hopper-v4": [(250_000, 3000), (1_500_000, 3450)], "HalfCheetah-v4": [(1_500_000, 11500)],
+         "Walker2d-v4": [(1_000_000, 5000), (4_000_000, 5500)]}
 
 if __name__ == "__main__":
     curves = defaultdict(lambda: defaultdict(dict))  # env -> step -> seed -> return

@@ -12,15 +12,18 @@ on CPU, and on CUDA when present. Ratios are measured side by side in this one r
 
 With --authors-script (the authors' `meow_continuous_action.py` from their repository, run by
 --authors-python: an interpreter with what it needs, e.g. gymnasium 0.29 and stable-baselines3), it
-also times whole training processes of that script and of this one on Hopper-v4 with the same
-settings, alternating between them: steps per second once updates run, read from the wall-clock
-times of the `losses/qf_loss` TensorBoard events both scripts write every 1,000 steps. Runs in
-rounds (authors, eager, --compile) and reports the median round's ratios.
+also times whole training processes of that script and of this one (eager and --compile) on
+Hopper-v4 with the same settings: steps per second once updates run, from the wall-clock times of the
+`losses/qf_loss` TensorBoard events both scripts write every 1,000 steps. The three processes run side
+by side, time-sliced (one runs for half a second while the others are stopped, in turn), and only the
+time each one ran counts, so the machine's slow spells fall on all three alike. Runs in rounds and
+reports the median round's ratios.
 """
 import argparse
 import glob
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -142,25 +145,52 @@ def bench_loop(device, steps, compiled):
     return f"{sps[-1]} SPS over {steps} steps ({steps - 1000} with updates; wall {time.time() - t:.0f}s incl. start-up)"
 
 
-def update_phase_sps(cmd, python, first, last):
-    """Run a training process; its steps/s between the qf_loss events at steps `first` and `last`."""
+def time_sliced_sps(variants, first, last, slice_s=0.5):
+    """Runs the training processes {name: (python, args)} side by side but one at a time: each runs in
+    turn for `slice_s` seconds while the others are stopped (SIGSTOP/SIGCONT to its process group, so
+    torch.compile's worker processes stop too). Returns each one's steps/s between its qf_loss events at
+    steps `first` and `last`, counting only the time it was running. A slow spell of this shared machine
+    then falls on all of them alike instead of on whichever ran during it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    with tempfile.TemporaryDirectory() as cwd:
-        out = subprocess.run([python] + cmd, capture_output=True, text=True, cwd=cwd)
-        if out.returncode != 0:
-            raise SystemExit(f"{cmd[0]} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
-        acc = EventAccumulator(glob.glob(f"{cwd}/runs/*")[0])
-        acc.Reload()
-        wall = {e.step: e.wall_time for e in acc.Scalars("losses/qf_loss")}
-    return (last - first) / (wall[last] - wall[first])
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, running = {}, {name: [] for name in variants}
+        for name, (python, cmd) in variants.items():
+            os.makedirs(f"{tmp}/{name}")
+            procs[name] = subprocess.Popen([python] + cmd, cwd=f"{tmp}/{name}", stdout=subprocess.DEVNULL,
+                                           stderr=open(f"{tmp}/{name}.err", "w"), start_new_session=True)
+            os.killpg(procs[name].pid, signal.SIGSTOP)
+        try:
+            while any(p.poll() is None for p in procs.values()):
+                for name, p in procs.items():
+                    if p.poll() is None:
+                        t0 = time.time()
+                        os.killpg(p.pid, signal.SIGCONT)
+                        time.sleep(slice_s)
+                        os.killpg(p.pid, signal.SIGSTOP)  # a finished process is a zombie until polled: no error
+                        running[name].append((t0, time.time()))
+        finally:  # interrupted: leave no stopped process behind
+            for p in procs.values():
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+        sps = {}
+        for name, p in procs.items():
+            if p.returncode != 0:
+                err = open(f"{tmp}/{name}.err").read().strip().splitlines() or ["?"]
+                raise SystemExit(f"{name} run failed: {err[-1]}")
+            acc = EventAccumulator(glob.glob(f"{tmp}/{name}/runs/*")[0])
+            acc.Reload()
+            wall = {e.step: e.wall_time for e in acc.Scalars("losses/qf_loss")}
+            w0, w1 = wall[first], wall[last]
+            ran = sum(max(0.0, min(b, w1) - max(a, w0)) for a, b in running[name])
+            sps[name] = (last - first) / ran
+    return sps
 
 
 def bench_vs_authors(script, python, rounds, learning_starts=1000, total=6001):
     """Whole-process steps/s of the authors' script and of this one (eager, --compile), same Hopper-v4
-    settings (their defaults: batch 256, lr 1e-3, tau 0.005, buffer 1e6; seed 1), alternating in
-    `rounds`. This machine's speed drifts by tens of percent within minutes, so each round's ratio
-    compares neighbouring runs, and the median round is reported."""
+    settings (their defaults: batch 256, lr 1e-3, tau 0.005, buffer 1e6; seed 1), time-sliced side by
+    side (time_sliced_sps) in each of `rounds` rounds; the median round is reported."""
     first, last = learning_starts + 1000, total - 1  # whole 1,000-step intervals with updates only
     print(f"whole training process, Hopper-v4, CPU, {torch.get_num_threads()} threads: steps/s from step "
           f"{first:,} to {last:,} (learning starts at {learning_starts:,}), {rounds} rounds of authors / eager / --compile")
@@ -173,7 +203,7 @@ def bench_vs_authors(script, python, rounds, learning_starts=1000, total=6001):
                 "compile": (sys.executable, training_cmd(total, learning_starts, 1000, cpu, compiled=True))}
     ratios = {"eager": [], "compile": []}
     for r in range(rounds):
-        sps = {name: update_phase_sps(cmd, py, first, last) for name, (py, cmd) in variants.items()}
+        sps = time_sliced_sps(variants, first, last)
         for name in ratios:
             ratios[name].append(sps[name] / sps["authors"])
         print(f"  round {r + 1}: steps/s authors {sps['authors']:.0f} | eager {sps['eager']:.0f} "
