@@ -62,10 +62,12 @@ def test_isaacgym_adapter_contract_with_fake_isaacgymenvs(monkeypatch):
 
 
 def test_isaacgym_backend_runs_end_to_end_with_fake_isaacgymenvs(run, tmp_path):
+    """The GPU-simulator path on a CPU: the fake IsaacGymEnvs, with --compile (the GPU option; this is
+    where CI runs the Isaac script's compiled update and acting). The other tests run it eagerly."""
     out = run(SCRIPT, "--backend", "isaacgym", "--env-id", "Line", "--num-envs", 16, "--sim-device", "cpu",
               "--total-timesteps", 16 * 300, "--learning-starts", 50, "--batch-size", 128, "--buffer-size", 100,
               "--eval-frequency", 16 * 150, "--eval-episodes", 8, "--log-frequency", 50, "--checkpoint-frequency",
-              16 * 300, env=WITH_FAKE_ISAAC)
+              16 * 300, "--compile", env=WITH_FAKE_ISAAC)
     assert out.returncode == 0, out.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "Line__*"))
     tags = scalars(run_dir)
