@@ -7,20 +7,14 @@ import torch
 import ebflow_continuous_action as meow
 
 from . import meow_reference as ref
+from .test_flow_math import random_flow
 
 
 def make_pair(obs_dim=6, act_dim=3, seed=0, dtype=torch.float64):
-    """An online flow and a target flow with *different* random weights everywhere."""
-    torch.manual_seed(seed)
-    flows = []
-    for _ in range(2):
-        f = meow.EBFlowPolicy(obs_dim, act_dim, 0.3, -3.0, -0.3, flow_hidden=32, shift_hidden=32)
-        with torch.no_grad():
-            for p in f.parameters():
-                p.normal_(0, 0.3)
-        flows.append(f.to(dtype))
-    flows[1].eval()
-    return flows
+    """An online flow (dropout on) and a target flow (eval mode) with *different* random weights everywhere."""
+    flow = random_flow(obs_dim, act_dim, sigma_min=-3.0, seed=seed).train()
+    target = random_flow(obs_dim, act_dim, sigma_min=-3.0, seed=seed + 1)
+    return flow.to(dtype), target.to(dtype)
 
 
 def batch(obs_dim=6, act_dim=3, n=64, seed=1, dtype=torch.float64):
