@@ -7,7 +7,8 @@ Prints, for a fixed seed and Hopper-v4 shapes (obs 11, action 3, batch 256):
     through the flow, both shift heads by doubling the batch, default Adam, Polyak by a Python
     loop over all parameters): what the authors' code does;
   * ms per action (batch of one observation, no autograd), eager and compiled;
-  * whole-loop SPS of `ebflow_continuous_action.py` on Hopper-v4 (a short run), eager and --compile;
+  * whole-loop steps/s of `ebflow_continuous_action.py` on Hopper-v4 (short runs, eager and --compile
+    side by side, time-sliced as described below);
 on CPU, and on CUDA when present. Ratios are measured side by side in this one run.
 
 With --authors-script (the authors' `meow_continuous_action.py` from their repository, run by
@@ -22,7 +23,6 @@ reports the median round's ratios.
 import argparse
 import glob
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -135,14 +135,13 @@ def training_cmd(total, learning_starts, log_frequency, device, compiled):
             "--cuda" if device.type == "cuda" else "--no-cuda"] + (["--compile"] if compiled else [])
 
 
-def bench_loop(device, steps, compiled):
-    cmd = [sys.executable] + training_cmd(steps, 1000, steps // 2, device, compiled)
-    t = time.time()
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.environ.get("TMPDIR", "/tmp"))
-    if out.returncode != 0:
-        return f"failed: {out.stderr.strip().splitlines()[-1]}"
-    sps = re.findall(r"SPS (\d+)", out.stdout)
-    return f"{sps[-1]} SPS over {steps} steps ({steps - 1000} with updates; wall {time.time() - t:.0f}s incl. start-up)"
+def bench_loop(device, steps):
+    """Whole training loop (act, simulator step, buffer, update) of this script, eager and --compile, run
+    side by side time-sliced (time_sliced_sps): steps/s from step 2,000 to `steps`, learning from step
+    1,000 (start-up and compilation are not counted)."""
+    variants = {name: (sys.executable, training_cmd(steps + 1, 1000, 1000, device, compiled=(name == "compile")))
+                for name in ["eager", "compile"]}
+    return time_sliced_sps(variants, 2000, steps)
 
 
 def time_sliced_sps(variants, first, last, slice_s=0.5):
@@ -214,7 +213,7 @@ def bench_vs_authors(script, python, rounds, learning_starts=1000, total=6001):
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--updates", type=int, default=300)
-    p.add_argument("--steps", type=int, default=4000, help="steps of the whole-loop runs")
+    p.add_argument("--steps", type=int, default=6000, help="whole-loop runs: timed from step 2,000 to this one")
     p.add_argument("--no-loop", action="store_true", help="skip the whole-loop runs")
     p.add_argument("--authors-script", help="the authors' meow_continuous_action.py: time it against this script")
     p.add_argument("--authors-python", default=sys.executable, help="interpreter for --authors-script")
@@ -237,6 +236,6 @@ if __name__ == "__main__":
         a = bench_act(device, 1000)
         print(f"[{device.type}] ms per action: eager {a['eager']:.3f} | compile {a['compile']:.3f}")
         if not cli.no_loop:
-            for compiled in [False, True]:
-                print(f"[{device.type}] whole loop{' --compile' if compiled else ''}: "
-                      f"{bench_loop(device, cli.steps, compiled)}", flush=True)
+            sps = bench_loop(device, cli.steps)
+            print(f"[{device.type}] whole loop, steps/s from step 2,000 to {cli.steps:,} (side by side): "
+                  f"eager {sps['eager']:.0f} | compile {sps['compile']:.0f} ({sps['compile'] / sps['eager']:.2f}x)")
