@@ -127,11 +127,12 @@ def bench_act(device, n):
     return out
 
 
-def training_cmd(total, learning_starts, log_frequency, device, compiled):
-    """Arguments of a Hopper-v4 training run of this script, seed 1, no evaluation during the run."""
+def training_cmd(total, learning_starts, device, compiled):
+    """Arguments of a Hopper-v4 training run of this script, seed 1, no evaluation during the run, losses
+    logged every 1,000 steps (time_sliced_sps reads the wall-clock times of those events)."""
     return [os.path.join(ROOT, "ebflow_continuous_action.py"), "--env-id", "Hopper-v4", "--seed", "1",
             "--total-timesteps", str(total), "--learning-starts", str(learning_starts),
-            "--log-frequency", str(log_frequency), "--eval-frequency", str(10 * total), "--exp-name", "benchmark",
+            "--log-frequency", "1000", "--eval-frequency", str(10 * total), "--exp-name", "benchmark",
             "--cuda" if device.type == "cuda" else "--no-cuda"] + (["--compile"] if compiled else [])
 
 
@@ -139,7 +140,7 @@ def bench_loop(device, steps):
     """Whole training loop (act, simulator step, buffer, update) of this script, eager and --compile, run
     side by side time-sliced (time_sliced_sps): steps/s from step 2,000 to `steps`, learning from step
     1,000 (start-up and compilation are not counted)."""
-    variants = {name: (sys.executable, training_cmd(steps + 1, 1000, 1000, device, compiled=(name == "compile")))
+    variants = {name: (sys.executable, training_cmd(steps + 1, 1000, device, compiled=(name == "compile")))
                 for name in ["eager", "compile"]}
     return time_sliced_sps(variants, 2000, steps)
 
@@ -156,8 +157,9 @@ def time_sliced_sps(variants, first, last, slice_s=0.5):
         procs, running = {}, {name: [] for name in variants}
         for name, (python, cmd) in variants.items():
             os.makedirs(f"{tmp}/{name}")
-            procs[name] = subprocess.Popen([python] + cmd, cwd=f"{tmp}/{name}", stdout=subprocess.DEVNULL,
-                                           stderr=open(f"{tmp}/{name}.err", "w"), start_new_session=True)
+            with open(f"{tmp}/{name}.err", "w") as err:  # the child keeps its own copy of the handle
+                procs[name] = subprocess.Popen([python] + cmd, cwd=f"{tmp}/{name}", stdout=subprocess.DEVNULL,
+                                               stderr=err, start_new_session=True)
             os.killpg(procs[name].pid, signal.SIGSTOP)
         try:
             while any(p.poll() is None for p in procs.values()):
@@ -175,7 +177,8 @@ def time_sliced_sps(variants, first, last, slice_s=0.5):
         sps = {}
         for name, p in procs.items():
             if p.returncode != 0:
-                err = open(f"{tmp}/{name}.err").read().strip().splitlines() or ["?"]
+                with open(f"{tmp}/{name}.err") as f:
+                    err = f.read().strip().splitlines() or ["?"]
                 raise SystemExit(f"{name} run failed: {err[-1]}")
             acc = EventAccumulator(glob.glob(f"{tmp}/{name}/runs/*")[0])
             acc.Reload()
@@ -198,8 +201,8 @@ def bench_vs_authors(script, python, rounds, learning_starts=1000, total=6001):
     authors = [script, "--env-id", "Hopper-v4", "--seed", "1", "--total-timesteps", str(total),
                "--learning-starts", str(learning_starts), "--no-cuda"]
     variants = {"authors": (python, authors),
-                "eager": (sys.executable, training_cmd(total, learning_starts, 1000, cpu, compiled=False)),
-                "compile": (sys.executable, training_cmd(total, learning_starts, 1000, cpu, compiled=True))}
+                "eager": (sys.executable, training_cmd(total, learning_starts, cpu, compiled=False)),
+                "compile": (sys.executable, training_cmd(total, learning_starts, cpu, compiled=True))}
     ratios = {"eager": [], "compile": []}
     for r in range(rounds):
         sps = time_sliced_sps(variants, first, last)
@@ -219,6 +222,8 @@ if __name__ == "__main__":
     p.add_argument("--authors-python", default=sys.executable, help="interpreter for --authors-script")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the --authors-script comparison")
     cli = p.parse_args()
+    if cli.steps <= 2000:
+        p.error("--steps must be above 2,000 (the whole-loop runs are timed from step 2,000)")
     if cli.authors_script:
         r = bench_vs_authors(os.path.abspath(cli.authors_script), cli.authors_python, cli.rounds)
         print(f"[cpu] whole process, median round: eager {r['eager']:.2f}x the authors' steps/s, "
