@@ -321,7 +321,7 @@ class EBFlowPolicy(nn.Module):
     def set_dropout(self, on: bool):
         """Dropout on (updates) or off (acting): for this network, what .train() / .eval() do, at a
         fraction of the cost. The loop switches twice per environment step: .eval() + .train() walk
-        all 61 submodules (175 us per step measured on a 2-core CPU), this sets 8 flags (14 us)."""
+        all 61 submodules, while only the 8 dropout layers differ between the modes."""
         for layer in self.dropout_layers:
             layer.training = on
 
@@ -412,9 +412,9 @@ def soft_bellman_loss(flow, target_flow, obs, actions, rewards, next_obs, termin
 def compile_fn(fn, device):
     """torch.compile for --compile. On a GPU, mode="reduce-overhead": CUDA graphs.
     On a CPU, the random numbers inside compiled code (dropout masks, the acting noise u) come from
-    ATen, as in eager mode, not from inductor's own generator: ATen's are faster there (compiled update
-    5.31 -> 4.95 ms on a 2-core CPU), and a --compile run draws the same masks and noise as an eager
-    run with the same seed. Left as it is on GPUs, where it has not been measured."""
+    ATen, as in eager mode, not from inductor's own generator: a --compile run then draws the same
+    masks and noise as an eager run with the same seed, and ATen's generator is the faster one on a
+    CPU (docs/speed.md). Left as it is on GPUs, where it has not been measured."""
     if device.type == "cpu":
         import torch._inductor.config
 
