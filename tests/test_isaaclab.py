@@ -17,6 +17,8 @@ FAKE_DIR = os.path.join(os.path.dirname(__file__), "fake_isaaclab")
 # observation [x, steps so far / max_episode_length]. (max_episode_length, steps at the time-out): Ant
 # (manager-based, mdp.time_out) and Franka (direct, its _get_dones times out at max_episode_length - 1)
 STEP_GAIN = 0.5
+# reward 1 - |x| at the step's end: times step_dt = 0.25 in the manager-based env (RewardManager), as is for direct
+REWARD_SCALE = {"Isaac-Ant-v0": 0.25, "Isaac-Franka-Cabinet-Direct-v0": 1.0}
 EPISODE_STEPS = {"Isaac-Ant-v0": (7, 7), "Isaac-Franka-Cabinet-Direct-v0": (8, 7)}
 
 
@@ -68,6 +70,8 @@ def test_isaaclab_adapter_transitions(monkeypatch, task, final_obs):
         # copies, not the env's buffers: each step's flags are still the ones the env had at that step
         assert torch.equal(terminated.bool(), term) and torch.equal(truncated.bool(), time_out & ~term)
         successor = torch.stack([obs[:, 0] + STEP_GAIN * actions[:, 0], obs[:, 1] + 1 / T], dim=1)
+        # also a copy: a manager-based env returns its reward buffer itself
+        assert torch.allclose(rewards, (1 - successor[:, 0].abs()) * REWARD_SCALE[task], atol=1e-6)
         running = (terminated + truncated) == 0
         assert torch.allclose(next_obs[running], successor[running], atol=1e-6)
         assert torch.allclose(real_next_obs[running], successor[running], atol=1e-6)
