@@ -4,8 +4,9 @@
 # each script stands alone); what changes is vectorization: N environments step at once, every tensor
 # lives on the device, the replay buffer holds N transitions per vector step, observations are
 # standardised by running statistics, and one gradient step is taken per vector step.
-# Backends: `isaacgym` (Isaac Gym Preview 4 + IsaacGymEnvs, GPU) or `gymnasium` (any Gymnasium
-# continuous-control task as a vector env; runs on a CPU, and is what the tests use).
+# Backends: `isaacgym` (Isaac Gym Preview 4 + IsaacGymEnvs, GPU), `isaaclab` (Isaac Lab 2.3.2 on Isaac Sim 5.1,
+# GPU) or `gymnasium` (any Gymnasium continuous-control task as a vector env; runs on a CPU, and is what the
+# tests use).
 import math
 import os
 import pickle
@@ -59,14 +60,15 @@ class Args:
     """log losses and episode statistics, and print progress, every N vector steps"""
 
     # Environment
-    backend: Literal["isaacgym", "gymnasium"] = "isaacgym"
-    """`isaacgym` (IsaacGymEnvs task names: Ant, Humanoid, ...) or `gymnasium` (ids such as Ant-v4)"""
+    backend: Literal["isaacgym", "isaaclab", "gymnasium"] = "isaacgym"
+    """`isaacgym` (IsaacGymEnvs task names: Ant, Humanoid, ...), `isaaclab` (Isaac Lab 2.3.2 task ids:
+    Isaac-Ant-v0, ...) or `gymnasium` (ids such as Ant-v4)"""
     env_id: str = "Ant"
-    """the task name (isaacgym) or the Gymnasium id (gymnasium)"""
+    """the task name (isaacgym), the Isaac Lab task id (isaaclab) or the Gymnasium id (gymnasium)"""
     num_envs: int = 128
     """the number of parallel environments"""
     sim_device: str = "cuda:0"
-    """Isaac Gym's simulation device"""
+    """the simulation device of Isaac Gym or Isaac Lab (cpu, cuda or cuda:N)"""
     graphics_device_id: int = 0
     """Isaac Gym's graphics device (rendering is off: headless)"""
 
@@ -226,10 +228,107 @@ class IsaacGymVecEnv:
         pass  # Isaac Gym tears its simulation down with the process
 
 
+ISAACLAB_INSTALL = ('pip install "isaaclab[isaacsim]==2.3.2.post1" --extra-index-url https://pypi.nvidia.com '
+                    "(Python 3.11, an NVIDIA GPU, a CUDA build of torch >= 2.7)")
+
+
+class IsaacLabVecEnv:
+    """Isaac Lab 2.3.2 (Isaac Sim 5.1): a manager-based or direct RL task on the GPU that resets finished
+    envs inside step(). API as in the isaaclab 2.3.2.post1 wheel: isaaclab/app/app_launcher.py,
+    isaaclab_tasks/utils/parse_cfg.py, isaaclab/envs/manager_based_rl_env.py and direct_rl_env.py."""
+
+    def __init__(self, task, num_envs, seed, args, device):
+        try:  # the one Isaac Lab import allowed before the simulation app runs
+            from isaaclab.app import AppLauncher
+        except ImportError:
+            fail(f"Isaac Lab is not installed: {ISAACLAB_INSTALL}; "
+                 "or run any Gymnasium task with --backend gymnasium (works on a CPU)")
+        try:
+            self.app = AppLauncher(headless=True, device=args.sim_device).app
+        except ValueError as e:  # a --sim-device that is not cpu, cuda or cuda:N
+            fail(f"cannot launch Isaac Sim: {e}")
+        self.envs = None
+        # Isaac Lab's other modules and its task registry import only once the app runs
+        import isaaclab_tasks  # noqa: F401  registers the Isaac-* task ids with gymnasium
+        from isaaclab_tasks.utils import parse_env_cfg
+
+        try:
+            env_cfg = parse_env_cfg(task, device=args.sim_device, num_envs=num_envs)
+        except (gym.error.Error, ValueError) as e:  # unknown id, or a gymnasium id that is no Isaac Lab task
+            self.fail(f"cannot make Isaac Lab task {task!r}: {str(e).strip().splitlines()[0]}")
+        env_cfg.seed = seed  # building the env seeds Python, NumPy, torch and Warp with it (configure_seed)
+        # 2.3.2 never exposes the observation a finished env reached before its reset; later versions do,
+        # in extras["final_obs"], when the opt-in compute_final_obs flag is set
+        self.has_final_obs = hasattr(env_cfg, "compute_final_obs")
+        if self.has_final_obs:
+            env_cfg.compute_final_obs = True
+        self.envs = gym.make(task, cfg=env_cfg)
+        torch.backends.cudnn.deterministic = args.torch_deterministic  # configure_seed() set it to False
+        unwrapped = self.envs.unwrapped
+        obs_space, act_space = unwrapped.single_observation_space["policy"], unwrapped.single_action_space
+        if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+            self.fail(f"MEow needs a flat 'policy' observation vector; {task} has {obs_space}")
+        if not isinstance(act_space, gym.spaces.Box):
+            self.fail(f"MEow needs a continuous (Box) action space; {task} has {act_space}")
+        # The action space is unbounded: the flow's actions in [-1, 1] go to the task as they are, and the
+        # task's own action term scales them (Isaac-Ant-v0: joint effort = 7.5 x action), as for the
+        # rl_games agents, whose wrapper clamps actions to [-1, 1] (clip_actions: 1.0).
+        # A finite-horizon task's time limit is part of the task (Isaac Lab's RL wrappers do not bootstrap it)
+        self.time_limit_is_terminal = unwrapped.cfg.is_finite_horizon
+        self.num_envs, self.device = num_envs, device
+        self.obs_dim, self.act_dim = obs_space.shape[0], act_space.shape[0]
+
+    def fail(self, message):
+        """Bad input once the app runs: close the env and the app, then the one-line error."""
+        self.close()
+        fail(message)
+
+    def policy_obs(self, obs):
+        return obs["policy"].to(self.device, torch.float32, copy=True)  # (N, obs_dim)
+
+    def reset(self, seed=None):
+        # seeded when built (env_cfg.seed): reset(seed=...) would reseed Python, NumPy and torch globally and
+        # overwrite the random state a resumed run has restored
+        obs, _ = self.envs.reset()
+        return self.policy_obs(obs)
+
+    def random_actions(self):
+        return torch.rand(self.num_envs, self.act_dim, device=self.device) * 2 - 1
+
+    def step(self, actions):
+        obs, rewards, terminated, truncated, extras = self.envs.step(actions)
+        # terminated and truncated (and a manager-based task's rewards) are the env's own buffers, rewritten
+        # in place by the next step: copy them. Both flags can be set; termination wins (no bootstrap)
+        next_obs = self.policy_obs(obs)
+        rewards = rewards.to(self.device, torch.float32, copy=True)
+        terminated = terminated.to(self.device, torch.bool, copy=True)
+        truncated = truncated.to(self.device, torch.bool, copy=True) & ~terminated
+        if self.time_limit_is_terminal:
+            terminated, truncated = terminated | truncated, torch.zeros_like(truncated)
+        # A finished env was reset inside step(): next_obs holds its new episode's first observation
+        done = (terminated | truncated)[:, None]
+        final_obs = extras.get("final_obs") if self.has_final_obs else None  # set at a step with resets
+        valid = torch.ones(self.num_envs, device=self.device)
+        if final_obs is not None:
+            real_next_obs = torch.where(done, self.policy_obs(final_obs), next_obs)
+        else:
+            # no true s' for a time-out: never learned from. A termination is safe: (1 - terminated) zeroes s'
+            real_next_obs = next_obs
+            valid = valid * ~truncated
+        return next_obs, real_next_obs, rewards, terminated.float(), truncated.float(), valid
+
+    def close(self):
+        if self.envs is not None:
+            self.envs.close()
+        self.app.close()  # the simulation app goes last, as in Isaac Lab's own scripts
+
+
 def make_env(args, device, num_envs=None, seed=None):
     num_envs, seed = num_envs or args.num_envs, args.seed if seed is None else seed
     if args.backend == "isaacgym":
         return IsaacGymVecEnv(args.env_id, num_envs, seed, args, device)
+    if args.backend == "isaaclab":
+        return IsaacLabVecEnv(args.env_id, num_envs, seed, args, device)
     return GymnasiumVecEnv(args.env_id, num_envs, seed, device)
 
 
@@ -597,16 +696,16 @@ if __name__ == "__main__":
     if args.eval_checkpoint is not None:
         ckpt = load_checkpoint(args.eval_checkpoint)
         args.backend, args.env_id = ckpt["backend"], ckpt["env_id"]
-        env = make_env(args, device, num_envs=args.eval_episodes if args.backend == "gymnasium" else None)
+        env = make_env(args, device, num_envs=args.eval_episodes if args.backend != "isaacgym" else None)
         flow = EBFlowPolicy(ckpt["obs_dim"], ckpt["act_dim"], ckpt["alpha"], **ckpt["arch"]).to(device)
         normalizer = RunningMeanStd(ckpt["obs_dim"], ckpt["obs_clip"]).to(device)
         flow.load_state_dict(ckpt["model"])
         normalizer.load_state_dict(ckpt["obs_normalizer"])
         obs = env.reset(seed=args.seed) if args.backend == "isaacgym" else None
         mean_return, _ = evaluate(flow, normalizer, env, args.eval_episodes, obs=obs, seed=args.seed)
-        env.close()
         print(f"{args.env_id}: deterministic return {mean_return:.1f} over {args.eval_episodes} episodes "
               f"(checkpoint step {ckpt['global_step']})")
+        env.close()
         sys.exit(0)
 
     if args.backend == "isaacgym" and isaacgymenvs is None:
@@ -636,8 +735,8 @@ if __name__ == "__main__":
 
     # ---- Environments (validated before anything is written) -------------------------------
     env = make_env(args, device)
-    # Isaac Gym runs one simulation per process: evaluate on the training envs. Gymnasium: separate envs.
-    eval_env = env if args.backend == "isaacgym" else make_env(args, device, num_envs=args.eval_episodes)
+    # Isaac Gym and Isaac Lab run one simulation per process: evaluate on the training envs. Gymnasium: separate envs.
+    eval_env = env if args.backend in ("isaacgym", "isaaclab") else make_env(args, device, num_envs=args.eval_episodes)
     N, obs_dim, act_dim = env.num_envs, env.obs_dim, env.act_dim
     if resume_ckpt is not None:
         run_name = resume_ckpt["train_state"]["run_name"]
@@ -774,7 +873,7 @@ if __name__ == "__main__":
         if global_step // args.eval_frequency > (global_step - N) // args.eval_frequency or iteration + 1 == num_iterations:
             last_eval, eval_obs = evaluate(flow, normalizer, eval_env, args.eval_episodes,
                                            obs=obs if eval_env is env else None)
-            if eval_env is env:  # Isaac Gym: continue training from where evaluation left the envs
+            if eval_env is env:  # Isaac Gym, Isaac Lab: continue training from where evaluation left the envs
                 obs, ep_return[:], ep_length[:] = eval_obs, 0.0, 0.0
             writer.add_scalar("eval/return", last_eval, global_step)
             if args.save_model and last_eval > best_eval:
@@ -790,7 +889,7 @@ if __name__ == "__main__":
         path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         save_atomic(model_checkpoint(flow, normalizer, args, obs_dim, act_dim, num_iterations * N), path)
         print(f"model saved to {path}; evaluate it with --eval-checkpoint {path}")
-    env.close()
+    writer.close()
+    env.close()  # Isaac Lab: closes the simulation app, the last thing a run does
     if eval_env is not env:
         eval_env.close()
-    writer.close()

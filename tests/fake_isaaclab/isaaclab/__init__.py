@@ -1,0 +1,1 @@
+"""Fake `isaaclab` (see tests/fake_isaaclab/__init__.py)."""
