@@ -102,7 +102,8 @@ class Args:
     eval_frequency: int = 1_280_000
     """evaluate the deterministic policy every N transitions"""
     eval_episodes: int = 10
-    """number of episodes per evaluation"""
+    """episodes per deterministic evaluation: one whole episode from each of the first eval_episodes envs
+    (episodes that begin during the evaluation; with fewer envs, the next episodes in env order)"""
     max_nonfinite_updates: int = 100
     """stop the run once this many updates had a non-finite loss or gradient (each one is skipped)"""
 
