@@ -104,7 +104,8 @@ class Args:
     eval_frequency: int = 1_280_000
     """evaluate the deterministic policy every N transitions"""
     eval_episodes: int = 10
-    """number of episodes per evaluation"""
+    """episodes per deterministic evaluation: one whole episode from each of the first eval_episodes envs
+    (episodes that begin during the evaluation; with fewer envs, the next episodes in env order)"""
     max_nonfinite_updates: int = 100
     """stop the run once this many updates had a non-finite loss or gradient (each one is skipped)"""
 
@@ -140,14 +141,23 @@ def check_args(args: Args):
 
 # ---------------------------------------------------------------------------------------------
 # Environments: two thin adapters with one batched-tensor contract, so the training loop is the
-# same for both. step(actions (N, d) in [-1, 1]) returns, as tensors on the device:
+# same for both. step(actions (N, d) in [-1, 1]) returns, as tensors on the device that the caller
+# owns (copies: nothing aliases a buffer the simulator overwrites in the next step):
 #   next_obs (N, obs_dim)   the observation to act on next (a new episode's first one after a reset)
 #   real_next_obs           the true successor s' of this transition (the final observation at an end)
 #   rewards (N,), terminated (N,) (cuts the bootstrap), truncated (N,) (time-out: bootstraps)
 #   valid (N,)              0 for a transition that spans two episodes (never learned from)
+# reset(seed) starts fresh episodes in every env and returns the observation to act on; it is only
+# fed to the policy, never to the normaliser (Isaac Gym's is a stale buffer of zeros).
+# Episodes: an episode is every step from the one after an end (or after reset()) to the next end
+# (terminated or truncated); its return is the sum of all their rewards, `valid` or not.
+# one_per_process: the simulator allows one instance per process (Isaac Gym, Isaac Lab), so
+# evaluation must run on the training envs; otherwise it gets fresh envs of its own.
 # ---------------------------------------------------------------------------------------------
 class GymnasiumVecEnv:
     """Any Gymnasium continuous-control task as a synchronous vector env (CPU)."""
+
+    one_per_process = False
 
     def __init__(self, env_id, num_envs, seed, device):
         try:
@@ -195,34 +205,48 @@ class GymnasiumVecEnv:
 
 
 class IsaacGymVecEnv:
-    """Isaac Gym Preview 4 through IsaacGymEnvs: the envs live on the GPU and reset themselves."""
+    """Isaac Gym Preview 4 through IsaacGymEnvs: the envs live on the GPU and reset themselves.
+
+    From IsaacGymEnvs' tasks/base/vec_task.py: reset() computes nothing and returns the observation
+    buffer (zeros before the first step), while reset_buf starts at ones, so the first step() resets
+    every env. A finished env is reset during the *next* step (in post_physics_step: Ant, Humanoid,
+    Anymal, FrankaCabinet; in pre_physics_step: AllegroHand, Ingenuity), so the observation returned
+    with done is the true final one and the next transition spans the reset. step() returns the
+    task's own rew_buf and reset_buf, which the following step overwrites in place.
+    """
+
+    one_per_process = True  # vec_task.py creates the simulation once per process (_create_sim_once)
 
     def __init__(self, task, num_envs, seed, args, device):
         if isaacgymenvs is None:
             fail("Isaac Gym is not installed: get Isaac Gym Preview 4 from NVIDIA, `pip install -e isaacgym/python` "
                  "and IsaacGymEnvs; or run any Gymnasium task with --backend gymnasium (works on a CPU)")
+        # make()'s seed seeds nothing: the caller seeds torch before this (seed_everything)
         self.envs = isaacgymenvs.make(seed=seed, task=task, num_envs=num_envs, sim_device=args.sim_device,
                                       rl_device=str(device), graphics_device_id=args.graphics_device_id, headless=True)
         self.num_envs, self.device = num_envs, device
         self.obs_dim = self.envs.observation_space.shape[0]
         self.act_dim = self.envs.action_space.shape[0]
-        # IsaacGymEnvs resets a finished env during the *next* step: the observation returned with
-        # done is the true final one, and the transition that follows spans the reset (not valid).
-        self.prev_done = torch.zeros(num_envs, dtype=torch.bool, device=device)
+        # envs whose next transition spans a reset: every env after reset() (reset_buf starts at ones)
+        self.prev_done = torch.ones(num_envs, dtype=torch.bool, device=device)
 
     def reset(self, seed=None):
-        return self.envs.reset()["obs"].float()
+        """Once, on the fresh task (VecTask.reset: "Is called only once when environment starts")."""
+        self.prev_done.fill_(True)  # the first step resets every env: (zeros, a, r, s') is not a transition
+        return self.envs.reset()["obs"].to(torch.float32, copy=True)
 
     def random_actions(self):
         return torch.rand(self.num_envs, self.act_dim, device=self.device) * 2 - 1
 
     def step(self, actions):
         obs_dict, rewards, dones, infos = self.envs.step(actions)
-        obs, dones = obs_dict["obs"].float(), dones.bool()
-        time_outs = infos["time_outs"].bool()
+        obs = obs_dict["obs"].to(torch.float32, copy=True)
+        rewards = rewards.to(torch.float32, copy=True)  # the task's rew_buf: copied before the next step
+        dones = dones.to(torch.bool, copy=True)  # the task's reset_buf, likewise
+        time_outs = infos["time_outs"].to(torch.bool, copy=True)
         valid = (~self.prev_done).float()
         self.prev_done = dones
-        return obs, obs, rewards.float(), (dones & ~time_outs).float(), time_outs.float(), valid
+        return obs, obs, rewards, (dones & ~time_outs).float(), time_outs.float(), valid
 
     def close(self):
         pass  # Isaac Gym tears its simulation down with the process
@@ -237,6 +261,7 @@ class IsaacLabVecEnv:
     envs inside step(). API as in the isaaclab 2.3.2.post1 wheel: isaaclab/app/app_launcher.py,
     isaaclab_tasks/utils/parse_cfg.py, isaaclab/envs/manager_based_rl_env.py and direct_rl_env.py."""
 
+    one_per_process = True  # one SimulationApp per process (AppLauncher), so one simulation
     def __init__(self, task, num_envs, seed, args, device):
         try:  # the one Isaac Lab import allowed before the simulation app runs
             from isaaclab.app import AppLauncher
@@ -642,35 +667,57 @@ def model_checkpoint(flow, normalizer, args, obs_dim, act_dim, step):
             "obs_normalizer": normalizer.state_dict()}
 
 
-def evaluate(flow, normalizer, env, episodes, obs=None, seed=0, max_steps=100_000):
-    """Mean deterministic return (u = 0, eval mode) over the first `episodes` episodes that start here.
+EVAL_RULE = ("deterministic actions (u = 0); in env i, episode j (j = 0, 1, ...; only episodes that begin "
+             "during the evaluation, after a reset or after an episode end) counts if j * num_envs + i < "
+             "eval_episodes: with eval_episodes <= num_envs, one complete episode from each of the first "
+             "eval_episodes envs")
 
-    obs=None: reset the envs (with `seed`) and count each env's first episode. Otherwise `obs` is the
-    current observation of envs that cannot all be reset at once (Isaac Gym's training envs), and only
-    episodes that begin during the evaluation count. Returns the mean return and the last observation.
+
+def evaluate(flow, normalizer, env, episodes, obs=None, seed=0, max_steps=100_000):
+    """Mean deterministic return over exactly `episodes` complete episodes chosen by EVAL_RULE.
+
+    Which episodes count is fixed before any of them is played (by env index and order), so short
+    episodes are not favoured over long ones, as "the first K episodes to finish" would do.
+    obs=None: reset the envs (with `seed`); every env starts an episode at once. Otherwise `obs` is the
+    current observation of envs in mid-episode (Isaac Gym's training envs, which cannot be reset at
+    will): the episodes in progress are played to their end and not counted.
+    Returns the mean return, the number of episodes counted (fewer only if max_steps ran out) and the
+    last observation.
     """
     was_training = flow.training
     flow.eval()
-    fresh_start = obs is None
-    if fresh_start:
+    started = torch.full((env.num_envs,), obs is None, dtype=torch.bool)  # env is in an episode begun here
+    if obs is None:
         obs = env.reset(seed=seed)
-    counting = torch.full((env.num_envs,), fresh_start, dtype=torch.bool, device=obs.device)
+    started = started.to(obs.device)
+    env_index = torch.arange(env.num_envs, device=obs.device)
+    to_count = ((episodes - 1 - env_index) // env.num_envs + 1).clamp(min=0)  # #{j >= 0: j * N + i < episodes}
     ep_return = torch.zeros(env.num_envs, device=obs.device)
     returns = []
     for _ in range(max_steps):
+        if to_count.sum() == 0:
+            break
         with torch.inference_mode():
             action = flow.deterministic_action(normalizer(obs))
-        obs, _, rewards, terminated, truncated, valid = env.step(action)
-        ep_return += rewards * valid
+        obs, _, rewards, terminated, truncated, _ = env.step(action)
+        ep_return += rewards
         done = (terminated + truncated) > 0
-        returns += ep_return[done & counting].tolist()
-        # fresh start: only each env's first episode counts; otherwise every episode begun in here
-        counting = counting & ~done if fresh_start else counting | done
+        counted = done & started & (to_count > 0)
+        returns += ep_return[counted].tolist()
+        to_count -= counted.long()
+        started |= done  # the step after an end begins the env's next episode
         ep_return[done] = 0.0
-        if len(returns) >= episodes:
-            break
     flow.train(was_training)
-    return float(np.mean(returns[:episodes])) if returns else float("nan"), obs
+    return float(np.mean(returns)) if returns else float("nan"), len(returns), obs
+
+
+def seed_everything(seed, torch_deterministic=True):
+    """Seed Python, numpy and torch before any env is built: isaacgymenvs.make(seed=) seeds nothing
+    (IsaacGymEnvs' own train.py calls set_seed first), and its tasks draw reset noise from torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
 
 
 def rng_state():
@@ -696,16 +743,16 @@ if __name__ == "__main__":
     if args.eval_checkpoint is not None:
         ckpt = load_checkpoint(args.eval_checkpoint)
         args.backend, args.env_id = ckpt["backend"], ckpt["env_id"]
-        env = make_env(args, device, num_envs=args.eval_episodes if args.backend != "isaacgym" else None)
+        seed_everything(args.seed, args.torch_deterministic)
+        env = make_env(args, device, num_envs=args.eval_episodes)  # fresh envs: one episode from each
         flow = EBFlowPolicy(ckpt["obs_dim"], ckpt["act_dim"], ckpt["alpha"], **ckpt["arch"]).to(device)
         normalizer = RunningMeanStd(ckpt["obs_dim"], ckpt["obs_clip"]).to(device)
         flow.load_state_dict(ckpt["model"])
         normalizer.load_state_dict(ckpt["obs_normalizer"])
-        obs = env.reset(seed=args.seed) if args.backend == "isaacgym" else None
-        mean_return, _ = evaluate(flow, normalizer, env, args.eval_episodes, obs=obs, seed=args.seed)
-        print(f"{args.env_id}: deterministic return {mean_return:.1f} over {args.eval_episodes} episodes "
-              f"(checkpoint step {ckpt['global_step']})")
+        mean_return, counted, _ = evaluate(flow, normalizer, env, args.eval_episodes, seed=args.seed)
         env.close()
+        print(f"{args.env_id}: deterministic return {mean_return:.1f} over {counted} episodes "
+              f"(checkpoint step {ckpt['global_step']}; {EVAL_RULE})")
         sys.exit(0)
 
     if args.backend == "isaacgym" and isaacgymenvs is None:
@@ -728,15 +775,12 @@ if __name__ == "__main__":
                  f"not below --total-timesteps {args.total_timesteps}")
 
     # ---- Seeding ------------------------------------------------------------------------------
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
+    seed_everything(args.seed, args.torch_deterministic)
 
     # ---- Environments (validated before anything is written) -------------------------------
     env = make_env(args, device)
-    # Isaac Gym and Isaac Lab run one simulation per process: evaluate on the training envs. Gymnasium: separate envs.
-    eval_env = env if args.backend in ("isaacgym", "isaaclab") else make_env(args, device, num_envs=args.eval_episodes)
+    # one simulation per process (Isaac Gym, Isaac Lab): evaluate on the training envs; otherwise on fresh envs
+    eval_env = env if env.one_per_process else make_env(args, device, num_envs=args.eval_episodes)
     N, obs_dim, act_dim = env.num_envs, env.obs_dim, env.act_dim
     if resume_ckpt is not None:
         run_name = resume_ckpt["train_state"]["run_name"]
@@ -802,10 +846,15 @@ if __name__ == "__main__":
 
     # ---- Training loop: one iteration = one vector step (N transitions) + one gradient step ----
     num_iterations = args.total_timesteps // N
+    # the normaliser sees every observation step() returns, never reset()'s (Isaac Gym: stale zeros)
     obs = env.reset(seed=args.seed if resume_ckpt is None else args.seed + start_iter)
-    normalizer.update(obs)
+    print(f"evaluation: {args.eval_episodes} episodes, {EVAL_RULE}", flush=True)
+    writer.add_text("evaluation", f"{args.eval_episodes} episodes, {EVAL_RULE}")
     # episode statistics, kept on the device for all envs; read at the logging interval only
     ep_return, ep_length = torch.zeros(N, device=device), torch.zeros(N, device=device)
+    # the env's current episode was played by the training policy from its first step: only those are
+    # logged (after an evaluation on the training envs, the episodes in progress are not)
+    ep_whole = torch.ones(N, dtype=torch.bool, device=device)
     finished = torch.zeros(3, device=device)  # sum of returns, sum of lengths, count of finished episodes
     last_return, start_time = float("nan"), time.time()
     log_time = start_time  # time of the last progress line: the time left uses the recent rate
@@ -830,9 +879,11 @@ if __name__ == "__main__":
         obs = next_obs
 
         done = (terminated + truncated) > 0  # bookkeeping: finished episodes, on the device
-        ep_return += rewards * valid
-        ep_length += valid
-        finished += torch.stack([(ep_return * done).sum(), (ep_length * done).sum(), done.sum()])
+        ep_return += rewards  # every reward of the episode, also the first one after a reset (valid = 0)
+        ep_length += 1
+        logged = done & ep_whole
+        finished += torch.stack([(ep_return * logged).sum(), (ep_length * logged).sum(), logged.sum()])
+        ep_whole |= done
         ep_return *= ~done
         ep_length *= ~done
 
@@ -871,10 +922,13 @@ if __name__ == "__main__":
                   f"left {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m | episodic_return {last_return:.1f} | "
                   f"eval {last_eval:.1f}", flush=True)
         if global_step // args.eval_frequency > (global_step - N) // args.eval_frequency or iteration + 1 == num_iterations:
-            last_eval, eval_obs = evaluate(flow, normalizer, eval_env, args.eval_episodes,
-                                           obs=obs if eval_env is env else None)
-            if eval_env is env:  # Isaac Gym, Isaac Lab: continue training from where evaluation left the envs
-                obs, ep_return[:], ep_length[:] = eval_obs, 0.0, 0.0
+            last_eval, counted, eval_obs = evaluate(flow, normalizer, eval_env, args.eval_episodes,
+                                                    obs=obs if eval_env is env else None)
+            if eval_env is env:  # Isaac Gym, Isaac Lab: continue training from where evaluation left the envs,
+                obs = eval_obs  # whose episodes in progress were partly played by the evaluation
+                ep_whole.fill_(False)
+            print(f"eval at step {global_step}: deterministic return {last_eval:.1f} over {counted} episodes",
+                  flush=True)
             writer.add_scalar("eval/return", last_eval, global_step)
             if args.save_model and last_eval > best_eval:
                 save_atomic(model_checkpoint(flow, normalizer, args, obs_dim, act_dim, global_step),

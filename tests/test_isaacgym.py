@@ -38,6 +38,7 @@ def test_isaacgym_adapter_contract_with_fake_isaacgymenvs(monkeypatch):
     obs = env.reset()
     assert (env.obs_dim, env.act_dim, env.num_envs) == (2, 1, 4)
     assert obs.shape == (4, 2) and obs.dtype == torch.float32
+    assert torch.all(obs == 0)  # VecTask.reset() computes nothing
     # env 0 pushes right until it terminates (|x| > 2); env 1 stands still until its time-out
     actions = torch.tensor([[1.0], [0.0], [0.0], [0.0]])
     history = [env.step(actions) for _ in range(12)]
@@ -52,10 +53,11 @@ def test_isaacgym_adapter_contract_with_fake_isaacgymenvs(monkeypatch):
     valid = torch.stack([h[5] for h in history])
     assert term[:, 0].sum() >= 1 and trunc[:, 0].sum() == 0  # env 0 terminates, never times out
     assert trunc[:, 1].sum() >= 1 and term[:, 1].sum() == 0  # env 1 only times out
-    # the transition right after an episode end spans IsaacGymEnvs' deferred reset: valid = 0
+    # the transition right after an episode end spans IsaacGymEnvs' deferred reset: valid = 0, and so
+    # does the first one (from reset()'s zeros: reset_buf starts at ones, the first step resets every env)
     done = (term + trunc) > 0
     assert torch.equal(valid[1:], (~done[:-1]).float())
-    assert torch.all(valid[0] == 1)
+    assert torch.all(valid[0] == 0)
     # at an end the observation returned is the true final one (the reset comes one step later)
     t_end = int(term[:, 0].nonzero()[0])
     assert history[t_end][1][0, 0].abs() > 2
@@ -78,6 +80,125 @@ def test_isaacgym_backend_runs_end_to_end_with_fake_isaacgymenvs(run, tmp_path):
     assert all(1 <= v <= 7 for v in lengths)
     buf = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["train_state"]["buffer"]
     assert buf["obs"].shape == (100, 16, 2) and buf["valid"].min() == 0 and buf["valid"].max() == 1
+
+
+def test_stand_in_copies_vectask_buffer_semantics(monkeypatch):
+    """The stand-in itself, against the facts read in IsaacGymEnvs' vec_task.py (see its docstring)."""
+    task = fake_isaacgymenvs.make(seed=0, task="ClockAfter", num_envs=3, sim_device="cpu", rl_device="cpu")
+    assert torch.all(task.reset()["obs"] == 0) and torch.all(task.reset_buf == 1)
+    obs_dict, rew, reset, extras = task.step(torch.full((3, 1), 7.0))
+    assert rew is task.rew_buf and reset is task.reset_buf  # the task's own buffers, updated in place
+    assert torch.all(task.actions == 1.0)  # actions clamped by clipActions
+    assert torch.all(obs_dict["obs"][:, 2] == 10.0)  # 20 * a, clamped by clipObservations
+    assert obs_dict is task.reset()  # one dict, refilled
+
+
+def test_isaacgym_adapter_returns_copies_not_the_tasks_buffers(monkeypatch):
+    """step() returns tensors the task overwrites in place in the next step: the adapter copies them."""
+    env = fake_isaac_env(monkeypatch)
+    env.reset()
+    first = env.step(env.random_actions())
+    kept = [t.clone() for t in first]
+    for _ in range(10):  # enough for the Line task to end and reset episodes
+        env.step(env.random_actions())
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))
+    for t in first:
+        assert t.data_ptr() not in {env.envs.rew_buf.data_ptr(), env.envs.reset_buf.data_ptr()}
+
+
+def clock_episode(task, env_index):
+    """By hand, from the stand-in's rules: the progress values one whole episode of env i returns
+    (Ant style: the reset step returns progress 0; AllegroHand style: progress 0 is never observed),
+    its return (reward 1 + progress at every step) and whether it ends by a fall (terminated)."""
+    _, length, fall_at = fake_isaacgymenvs.TASKS[task]
+    last = min(fall_at(env_index), length - 1)
+    first = 0 if task.startswith("ClockAfter") else 1
+    progress = list(range(first, last + 1))
+    return progress, sum(1 + p for p in progress), fall_at(env_index) < length - 1
+
+
+@pytest.mark.parametrize("task", ["ClockAfter", "ClockBefore"])
+def test_isaacgym_training_keeps_no_stale_or_cross_reset_transition_and_logs_whole_episodes(run, tmp_path, task):
+    """A run on the stand-in, evaluated twice on its training envs, then resumed (a fresh env: stale
+    zeros again). In the replay buffer, a transition is valid exactly when it is not the first after
+    reset() and does not start from an episode's final observation; every valid one is one step of
+    one episode. Every logged training and evaluation return is the return of a whole episode."""
+    n, n_vec = 4, 60
+    progress, ep_return, falls = clock_episode(task, 0)
+    args = ["--backend", "isaacgym", "--env-id", task, "--num-envs", n, "--sim-device", "cpu", "--no-cuda",
+            "--learning-starts", 20, "--batch-size", 16, "--buffer-size", 2 * n_vec, "--log-frequency", 5,
+            "--eval-frequency", n * 25, "--eval-episodes", 3, "--checkpoint-frequency", n * n_vec]
+    out = run(SCRIPT, *args, "--total-timesteps", n * n_vec, env=WITH_FAKE_ISAAC)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{task}__*"))
+    out = run(SCRIPT, *args, "--total-timesteps", 2 * n * n_vec, "--resume", run_dir, env=WITH_FAKE_ISAAC)
+    assert out.returncode == 0, out.stderr
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    buf = ckpt["train_state"]["buffer"]
+    assert buf["size"] == 2 * n_vec
+    obs_p, next_p = buf["obs"][..., 0], buf["next_obs"][..., 0]  # observation 0 is the progress counter
+    after_reset = torch.zeros(2 * n_vec, n, dtype=torch.bool)
+    after_reset[[0, n_vec]] = True  # the first transition of each of the two processes
+    assert torch.all(buf["obs"][after_reset] == 0)  # reset()'s stale zeros
+    assert torch.equal(buf["valid"] == 1, ~after_reset & (obs_p != progress[-1]))
+    v = buf["valid"] == 1
+    assert torch.all(buf["obs"][v][:, 1] > 0)  # never the stale zeros
+    assert torch.equal(next_p[v], obs_p[v] + 1)  # one step inside one episode
+    assert torch.equal(buf["rewards"][v], 1 + next_p[v])
+    assert torch.equal(buf["terminated"][v] == 1, (next_p[v] == progress[-1]) & falls)
+    # the normaliser saw every observation step() returned (observation 1 is env index + 1), no zeros
+    norm = ckpt["obs_normalizer"]
+    assert norm["count"].item() == 2 * n_vec * n and norm["mean"][1].item() == pytest.approx((n + 1) / 2)
+    tags = scalars(run_dir)
+    # evaluations at 100, 200, 300, 400, 480 (the first run's last one, at 240, is where the resumed run
+    # purges the log from)
+    assert [step for step, _ in tags["eval/return"]] == [100, 200, 300, 400, 480]
+    assert len(tags["charts/episodic_return"]) >= 10
+    for tag, expected in [("charts/episodic_return", ep_return), ("charts/episodic_length", len(progress)),
+                          ("eval/return", ep_return)]:
+        assert all(value == pytest.approx(expected) for _, value in tags[tag]), (tag, tags[tag])
+    assert "evaluation: 3 episodes" in out.stdout and "one complete episode from each" in out.stdout
+
+
+@pytest.mark.parametrize("task", ["ClockAfterVaried", "ClockBeforeVaried"])
+@pytest.mark.parametrize("episodes", [5, 8, 19])
+def test_evaluation_mean_is_exact_over_the_episodes_its_rule_selects(monkeypatch, task, episodes):
+    """Episode length depends on the env index (3 to 10 steps). The rule counts, in env i, its episodes
+    j = 0, 1, ... begun during the evaluation for which j * N + i < episodes, whatever their lengths;
+    "the first episodes to finish" would favour the short ones."""
+    monkeypatch.setattr(isaac, "isaacgymenvs", fake_isaacgymenvs)
+    n = 8
+    args = isaac.Args(env_id=task, num_envs=n, sim_device="cpu")
+    counts = [len([j for j in range(episodes) if j * n + i < episodes]) for i in range(n)]
+    expected = sum(c * clock_episode(task, i)[1] for i, c in enumerate(counts)) / episodes
+    flow, normalizer = isaac.EBFlowPolicy(3, 1, 0.1, -5.0, 2.0), isaac.RunningMeanStd(3)
+    # training envs in mid-episode (the episodes in progress must not count) ...
+    env = isaac.make_env(args, torch.device("cpu"))
+    obs = env.reset()
+    for _ in range(13):
+        obs = env.step(env.random_actions())[0]
+    mean, counted, _ = isaac.evaluate(flow, normalizer, env, episodes, obs=obs)
+    assert counted == episodes and mean == pytest.approx(expected, rel=1e-6)
+    # ... and fresh envs
+    mean, counted, _ = isaac.evaluate(flow, normalizer, isaac.make_env(args, torch.device("cpu")), episodes)
+    assert counted == episodes and mean == pytest.approx(expected, rel=1e-6)
+
+
+def test_eval_checkpoint_seeds_before_building_the_env(run, tmp_path):
+    """isaacgymenvs.make(seed=) seeds nothing and the tasks draw reset noise from torch's global RNG:
+    two evaluations of one checkpoint with the same --seed must agree."""
+    torch.manual_seed(0)
+    args = isaac.Args(backend="isaacgym", env_id="Line")
+    model = tmp_path / "line.cleanrl_model"
+    torch.save(isaac.model_checkpoint(isaac.EBFlowPolicy(2, 1, args.alpha, args.sigma_min, args.sigma_max),
+                                      isaac.RunningMeanStd(2), args, 2, 1, 0), model)
+    printed = []
+    for _ in range(2):
+        out = run(SCRIPT, "--eval-checkpoint", model, "--eval-episodes", 1, "--seed", 5, "--sim-device", "cpu",
+                  "--no-cuda", env=WITH_FAKE_ISAAC)
+        assert out.returncode == 0, out.stderr
+        printed.append(re.search(r"deterministic return (-?[\d.]+) over 1 episodes", out.stdout).group(1))
+    assert printed[0] == printed[1]
 
 
 def test_gymnasium_adapter_contract_with_ant():
