@@ -8,12 +8,12 @@
 # continuous-control task as a vector env; runs on a CPU, and is what the tests use).
 import math
 import os
-import pickle
 import random
+import re
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal, Optional
 
 try:  # Isaac Gym must be imported before torch
@@ -520,19 +520,49 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    """Checkpoints are data, never code: weights_only=True refuses any pickle that would run code."""
+def load_checkpoint(path, training=False):
+    """Load a saved model, or (training=True) a training checkpoint: a file, or a run directory holding
+    checkpoint.pt. A training checkpoint holds the model too, so --eval-checkpoint takes either.
+    Any other file stops the run here in one line that names it, before anything is written.
+
+    Checkpoints are data, never code: weights_only=True refuses any pickle that would run code. Other
+    bytes (text, random, a zip that is not torch's, a truncated write) make torch.load raise whatever
+    its parser meets first (UnpicklingError, IndexError, EOFError, RuntimeError, ...): all are caught.
+    """
+    if training and os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if os.path.isdir(path):
+        fail(f"{path} is a directory, not a checkpoint file")
+    if not os.path.exists(path):
+        fail(f"no such checkpoint: {path}")
+    if os.path.getsize(path) == 0:
+        fail(f"{path} is an empty file, not a checkpoint")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        fail(f"no such checkpoint: {path}")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        why = [line.strip() for line in str(e).splitlines() if "Unsupported" in line] or ["not a torch checkpoint"]
-        fail(f"refusing to load {path}: not a plain-data MEow checkpoint ({why[0][:200]})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} is not a checkpoint of {os.path.basename(__file__)}")
+    except Exception as e:
+        unsupported = re.search(r"Unsupported (\w+)[^\n]*?(?=\. |\n|$)", str(e))  # weights_only's refusals
+        if unsupported and unsupported[1] == "global":
+            fail(f"refusing to load {path}: it would run code ({unsupported[0][:150]}); a checkpoint is plain data")
+        # the reason: weights_only's refusal, else the first sentence of the parser's error
+        first_sentence = re.split(r"(?<=[a-z])\. |\n", str(e))[0]
+        why = unsupported[0] if unsupported else f"{type(e).__name__}: {first_sentence}"
+        fail(f"refusing to load {path}: not a torch checkpoint file ({why[:150]})")
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        fail(f"{path} is not a checkpoint of {os.path.basename(__file__)}: it holds a {type(ckpt).__name__} "
+             "without a 'format' entry")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint of {os.path.basename(__file__)}: its format is {repr(ckpt['format'])[:80]}, "
+             f"this script reads {CHECKPOINT_FORMAT!r}")
+    if training and "train_state" not in ckpt:
+        fail(f"{path} is a saved model, not a training checkpoint (use --eval-checkpoint to evaluate it)")
+    try:  # the policy and normaliser must build from it: a damaged or forged file fails here, not later
+        flow = EBFlowPolicy(ckpt["obs_dim"], ckpt["act_dim"], ckpt["alpha"], **ckpt["arch"])
+        flow.load_state_dict(ckpt["model"])
+        RunningMeanStd(ckpt["obs_dim"], ckpt["obs_clip"]).load_state_dict(ckpt["obs_normalizer"])
+    except Exception as e:
+        fail(f"{path} does not hold a usable model ({type(e).__name__}: {' '.join(str(e).split())[:150]})")
     return ckpt
 
 
@@ -615,10 +645,7 @@ if __name__ == "__main__":
     # ---- Resume: take the run's name and training state from its checkpoint -----------------
     resume_ckpt = None
     if args.resume is not None:
-        path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
-        resume_ckpt = load_checkpoint(path)
-        if "train_state" not in resume_ckpt:
-            fail(f"{path} is a saved model, not a training checkpoint (use --eval-checkpoint to evaluate it)")
+        resume_ckpt = load_checkpoint(args.resume, training=True)
         saved = resume_ckpt["train_state"]["args"]
         mismatched = [k for k in saved if k not in RESUME_MAY_CHANGE and saved[k] != getattr(args, k, None)]
         if mismatched:
