@@ -95,26 +95,36 @@ def fail(message: str):
     sys.exit(2)
 
 
+# Every int and float flag of Args, under the one rule its values must satisfy. check_args walks the
+# fields of Args, so a numeric flag added without a rule here stops every run (KeyError) until it has one.
+RULES = {
+    "positive": (lambda x: x > 0, ["total_timesteps", "buffer_size", "batch_size", "learning_rate", "max_grad_norm",
+                                   "alpha", "flow_hidden", "shift_hidden", "eval_frequency", "eval_episodes",
+                                   "log_frequency", "max_nonfinite_updates"]),
+    "non-negative": (lambda x: x >= 0, ["learning_starts", "checkpoint_frequency"]),
+    "in (0, 1]": (lambda x: 0 < x <= 1, ["tau"]),
+    "in [0, 1]": (lambda x: 0 <= x <= 1, ["gamma"]),
+    "in [0, 2**32 - 1]": (lambda x: 0 <= x < 2**32, ["seed"]),  # numpy's and Gymnasium's seed range
+    "finite": (lambda x: True, ["sigma_min", "sigma_max"]),  # any finite value; their order is checked below
+}
+RULE_OF = {name: rule for rule, (_, names) in RULES.items() for name in names}
+
+
 def check_args(args: Args):
-    if args.total_timesteps <= 0:
-        fail(f"--total-timesteps must be positive, got {args.total_timesteps}")
+    for field in fields(Args):
+        if field.type not in (int, float):
+            continue
+        value, rule = getattr(args, field.name), RULE_OF[field.name]
+        # a float must first be finite (NaN compares false with everything: `x > 0` alone lets it through),
+        # and finite in float32, the precision of the tensors it meets (a clip at 1e39 cannot be applied)
+        if field.type is float and not (math.isfinite(value) and abs(value) <= torch.finfo(torch.float32).max):
+            fail(f"--{field.name.replace('_', '-')} must be a finite float32 number (|x| <= 3.4e38), got {value}")
+        if not RULES[rule][0](value):
+            fail(f"--{field.name.replace('_', '-')} must be {rule}, got {value}")
     if args.sigma_min >= args.sigma_max:
         fail(f"--sigma-min ({args.sigma_min}) must be smaller than --sigma-max ({args.sigma_max})")
-    for name in ["buffer_size", "batch_size", "eval_frequency", "eval_episodes", "log_frequency",
-                 "flow_hidden", "shift_hidden", "max_nonfinite_updates"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.batch_size > args.buffer_size:
         fail(f"--batch-size ({args.batch_size}) cannot exceed --buffer-size ({args.buffer_size})")
-    for name in ["learning_starts", "checkpoint_frequency"]:
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not 0.0 < args.tau <= 1.0:
-        fail(f"--tau must be in (0, 1], got {args.tau}")
-    if not 0.0 <= args.gamma <= 1.0:
-        fail(f"--gamma must be in [0, 1], got {args.gamma}")
-    if args.alpha <= 0 or args.learning_rate <= 0 or args.max_grad_norm <= 0:
-        fail("--alpha, --learning-rate and --max-grad-norm must be positive")
 
 
 # ---------------------------------------------------------------------------------------------
