@@ -613,6 +613,7 @@ if __name__ == "__main__":
 
     # ---- Training loop ------------------------------------------------------------------------
     start_time, needs_reset = time.time(), True
+    skipped, updates_unread = int(nonfinite_updates), 0  # the counter as last read, updates since
     log_time = start_time  # time of the last progress line: the time left uses the recent rate
     episodic_return, episodic_length = 0.0, 0
     for global_step in range(start_step, args.total_timesteps):
@@ -645,15 +646,22 @@ if __name__ == "__main__":
         # ALGO LOGIC: training. One soft Bellman regression step per environment step
         if global_step > args.learning_starts:
             loss, q, grad_norm = update(rb.sample(args.batch_size))
+            updates_unread += 1
 
-            if global_step % args.log_frequency == 0:  # the only host syncs of the update
-                skipped = int(nonfinite_updates)
+            if global_step % args.log_frequency == 0:  # the only host syncs of the update (and the one below)
+                skipped, updates_unread = int(nonfinite_updates), 0
                 writer.add_scalar("losses/qf_loss", loss.item(), global_step)
                 writer.add_scalar("losses/qf1_values", q[:, 0].mean().item(), global_step)
                 writer.add_scalar("losses/qf2_values", q[:, 1].mean().item(), global_step)
                 writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
                 writer.add_scalar("losses/nonfinite_updates", skipped, global_step)
+            # Stop at the very update that makes --max-nonfinite-updates skipped ones. The device counter
+            # grows by at most 1 per update, and reading it is a host sync on a GPU: it is read only once
+            # it could have reached the limit, (limit - value last read) updates after the last read.
+            if skipped + updates_unread >= args.max_nonfinite_updates:
+                skipped, updates_unread = int(nonfinite_updates), 0
                 if skipped >= args.max_nonfinite_updates:
+                    writer.add_scalar("losses/nonfinite_updates", skipped, global_step)
                     writer.close()
                     fail(f"{skipped} updates had a non-finite loss or gradient (each skipped); stopping at "
                          f"step {global_step}. Try a smaller --learning-rate or --alpha.")

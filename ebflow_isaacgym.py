@@ -749,6 +749,7 @@ if __name__ == "__main__":
     ep_return, ep_length = torch.zeros(N, device=device), torch.zeros(N, device=device)
     finished = torch.zeros(3, device=device)  # sum of returns, sum of lengths, count of finished episodes
     last_return, start_time = float("nan"), time.time()
+    skipped, updates_unread = int(nonfinite_updates), 0  # the counter as last read, updates since
     log_time = start_time  # time of the last progress line: the time left uses the recent rate
     for iteration in range(start_iter, num_iterations):
         global_step = (iteration + 1) * N  # transitions collected so far, over all envs
@@ -782,8 +783,19 @@ if __name__ == "__main__":
             b_obs, b_next_obs, b_actions, b_rewards, b_terminated, b_valid = rb.sample(args.batch_size)
             loss, q, grad_norm = update((normalizer(b_obs), b_actions, b_rewards, normalizer(b_next_obs),
                                          b_terminated, b_valid))
+            updates_unread += 1
+            # Stop at the very update that makes --max-nonfinite-updates skipped ones. The device counter
+            # grows by at most 1 per update, and reading it is a host sync on a GPU: it is read only once
+            # it could have reached the limit, (limit - value last read) updates after the last read.
+            if skipped + updates_unread >= args.max_nonfinite_updates:
+                skipped, updates_unread = int(nonfinite_updates), 0
+                if skipped >= args.max_nonfinite_updates:
+                    writer.add_scalar("losses/nonfinite_updates", skipped, global_step)
+                    writer.close()
+                    fail(f"{skipped} updates had a non-finite loss or gradient (each skipped); stopping at "
+                         f"step {global_step}. Try a smaller --learning-rate or --alpha.")
 
-        # Bookkeeping: logging (the only host syncs), evaluation, checkpoints
+        # Bookkeeping: logging (the only host syncs, with the non-finite check above), evaluation, checkpoints
         if (iteration + 1) % args.log_frequency == 0:
             stats = finished.tolist()
             if stats[2] > 0:
@@ -794,16 +806,12 @@ if __name__ == "__main__":
             sps = (iteration + 1 - start_iter) * N / (time.time() - start_time)
             writer.add_scalar("charts/SPS", int(sps), global_step)
             if iteration >= args.learning_starts:
-                skipped = int(nonfinite_updates)
+                skipped, updates_unread = int(nonfinite_updates), 0
                 writer.add_scalar("losses/qf_loss", loss.item(), global_step)
                 writer.add_scalar("losses/qf1_values", q[:, 0].mean().item(), global_step)
                 writer.add_scalar("losses/qf2_values", q[:, 1].mean().item(), global_step)
                 writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
                 writer.add_scalar("losses/nonfinite_updates", skipped, global_step)
-                if skipped >= args.max_nonfinite_updates:
-                    writer.close()
-                    fail(f"{skipped} updates had a non-finite loss or gradient (each skipped); stopping at "
-                         f"step {global_step}. Try a smaller --learning-rate or --alpha.")
             # the recent rate, not the average: random steps before learning_starts are far faster
             now = time.time()
             eta = (num_iterations - iteration - 1) * (now - log_time) / args.log_frequency
