@@ -561,7 +561,7 @@ def load_checkpoint(path, training=False):
         # the reason: weights_only's refusal, else the first sentence of the parser's error
         first_sentence = re.split(r"(?<=[a-z])\. |\n", str(e))[0]
         why = unsupported[0] if unsupported else f"{type(e).__name__}: {first_sentence}"
-        fail(f"refusing to load {path}: not a torch checkpoint file ({why[:150]})")
+        fail(f"refusing to load {path}: not a readable torch checkpoint file ({why[:150]})")
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         fail(f"{path} is not a checkpoint of {os.path.basename(__file__)}: it holds a {type(ckpt).__name__} "
              "without a 'format' entry")
@@ -575,7 +575,7 @@ def load_checkpoint(path, training=False):
         flow.load_state_dict(ckpt["model"])
         RunningMeanStd(ckpt["obs_dim"], ckpt["obs_clip"]).load_state_dict(ckpt["obs_normalizer"])
     except Exception as e:
-        fail(f"{path} does not hold a usable model ({type(e).__name__}: {' '.join(str(e).split())[:150]})")
+        fail(f"{path} does not hold a usable model ({type(e).__name__}: {' '.join(str(e).split())[:220]})")
     return ckpt
 
 

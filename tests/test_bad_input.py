@@ -82,7 +82,8 @@ BAD_VALUES = {
 # Edge values that are fine, so the checks are not simply stricter than the flags' meaning
 GOOD_EDGES = {"seed": [0, 2**32 - 1], "checkpoint_frequency": [0], "learning_starts": [0], "gamma": [0.0, 1.0],
               "tau": [1.0], "graphics_device_id": [-1], "sigma_min": [-1e6]}
-FLAG_CASES = [(mod, name, value) for mod in SCRIPTS for name in numeric_flags(mod) for value in BAD_VALUES.get(name, [])]
+FLAG_CASES = [(mod, name, value) for mod in SCRIPTS for name in numeric_flags(mod)
+              for value in BAD_VALUES.get(name, [])]
 
 
 @pytest.mark.parametrize("mod", SCRIPTS, ids=SCRIPTS.values())
@@ -206,7 +207,7 @@ def other(mod):
     return isaac if mod is cont else cont
 
 
-NOT_TORCH = "not a torch checkpoint file"
+NOT_TORCH = "not a readable torch checkpoint file"
 # name -> (the file's bytes for a script's module, message for --eval-checkpoint, message for --resume);
 # a message None: the file is accepted
 FILES = {
@@ -272,7 +273,8 @@ def test_missing_file_directory_and_pickle_that_runs_code_are_refused_in_one_lin
         with open(evil, "wb") as f:
             pickle.dump({"format": mod.CHECKPOINT_FORMAT, "model": CreatesAFile(str(victim))}, f, protocol)
         for training in [False, True]:
-            assert refusal(mod.load_checkpoint, str(evil), training).startswith(f"error: refusing to load {evil}: {message}")
+            line = refusal(mod.load_checkpoint, str(evil), training)
+            assert line.startswith(f"error: refusing to load {evil}: {message}")
     assert not victim.exists()
 
 
