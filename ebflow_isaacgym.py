@@ -109,7 +109,8 @@ class Args:
 
 def fail(message: str):
     """Bad input: one line on stderr and a non-zero exit, before anything is written."""
-    print(f"error: {message}", file=sys.stderr)
+    # one line whatever the message quotes (a file name, a parser's error): control characters are escaped
+    print("error: " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in message), file=sys.stderr)
     sys.exit(2)
 
 
@@ -557,7 +558,7 @@ def load_checkpoint(path, training=False):
     except Exception as e:
         unsupported = re.search(r"Unsupported (\w+)[^\n]*?(?=\. |\n|$)", str(e))  # weights_only's refusals
         if unsupported and unsupported[1] == "global":
-            fail(f"refusing to load {path}: it would run code ({unsupported[0][:150]}); a checkpoint is plain data")
+            fail(f"refusing to load {path}: it would import code ({unsupported[0][:150]}); a checkpoint is plain data")
         # the reason: weights_only's refusal, else the first sentence of the parser's error
         first_sentence = re.split(r"(?<=[a-z])\. |\n", str(e))[0]
         why = unsupported[0] if unsupported else f"{type(e).__name__}: {first_sentence}"
