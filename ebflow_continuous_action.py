@@ -6,12 +6,12 @@
 # Read top to bottom: Args -> environment -> EBFlow policy -> replay buffer -> training loop.
 import math
 import os
-import pickle
 import random
+import re
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import gymnasium as gym
@@ -91,30 +91,41 @@ class Args:
 
 def fail(message: str):
     """Bad input: one line on stderr and a non-zero exit, before anything is written."""
-    print(f"error: {message}", file=sys.stderr)
+    # one line whatever the message quotes (a file name, a parser's error): control characters are escaped
+    print("error: " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in message), file=sys.stderr)
     sys.exit(2)
 
 
+# Every int and float flag of Args, under the one rule its values must satisfy. check_args walks the
+# fields of Args, so a numeric flag added without a rule here stops every run (KeyError) until it has one.
+RULES = {
+    "positive": (lambda x: x > 0, ["total_timesteps", "buffer_size", "batch_size", "learning_rate", "max_grad_norm",
+                                   "alpha", "flow_hidden", "shift_hidden", "eval_frequency", "eval_episodes",
+                                   "log_frequency", "max_nonfinite_updates"]),
+    "non-negative": (lambda x: x >= 0, ["learning_starts", "checkpoint_frequency"]),
+    "in (0, 1]": (lambda x: 0 < x <= 1, ["tau"]),
+    "in [0, 1]": (lambda x: 0 <= x <= 1, ["gamma"]),
+    "in [0, 2**32 - 1]": (lambda x: 0 <= x < 2**32, ["seed"]),  # numpy's and Gymnasium's seed range
+    "finite": (lambda x: True, ["sigma_min", "sigma_max"]),  # any finite value; their order is checked below
+}
+RULE_OF = {name: rule for rule, (_, names) in RULES.items() for name in names}
+
+
 def check_args(args: Args):
-    if args.total_timesteps <= 0:
-        fail(f"--total-timesteps must be positive, got {args.total_timesteps}")
+    for field in fields(Args):
+        if field.type not in (int, float):
+            continue
+        value, rule = getattr(args, field.name), RULE_OF[field.name]
+        # a float must first be finite (NaN compares false with everything: `x > 0` alone lets it through),
+        # and finite in float32, the precision of the tensors it meets (a clip at 1e39 cannot be applied)
+        if field.type is float and not (math.isfinite(value) and abs(value) <= torch.finfo(torch.float32).max):
+            fail(f"--{field.name.replace('_', '-')} must be a finite float32 number (|x| <= 3.4e38), got {value}")
+        if not RULES[rule][0](value):
+            fail(f"--{field.name.replace('_', '-')} must be {rule}, got {value}")
     if args.sigma_min >= args.sigma_max:
         fail(f"--sigma-min ({args.sigma_min}) must be smaller than --sigma-max ({args.sigma_max})")
-    for name in ["buffer_size", "batch_size", "eval_frequency", "eval_episodes", "log_frequency",
-                 "flow_hidden", "shift_hidden", "max_nonfinite_updates"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.batch_size > args.buffer_size:
         fail(f"--batch-size ({args.batch_size}) cannot exceed --buffer-size ({args.buffer_size})")
-    for name in ["learning_starts", "checkpoint_frequency"]:
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not 0.0 < args.tau <= 1.0:
-        fail(f"--tau must be in (0, 1], got {args.tau}")
-    if not 0.0 <= args.gamma <= 1.0:
-        fail(f"--gamma must be in [0, 1], got {args.gamma}")
-    if args.alpha <= 0 or args.learning_rate <= 0 or args.max_grad_norm <= 0:
-        fail("--alpha, --learning-rate and --max-grad-norm must be positive")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,19 +407,47 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    """Checkpoints are data, never code: weights_only=True refuses any pickle that would run code."""
+def load_checkpoint(path, training=False):
+    """Load a saved model, or (training=True) a training checkpoint: a file, or a run directory holding
+    checkpoint.pt. A training checkpoint holds the model too, so --eval-checkpoint takes either.
+    Any other file stops the run here in one line that names it, before anything is written.
+
+    Checkpoints are data, never code: weights_only=True refuses any pickle that would run code. Other
+    bytes (text, random, a zip that is not torch's, a truncated write) make torch.load raise whatever
+    its parser meets first (UnpicklingError, IndexError, EOFError, RuntimeError, ...): all are caught.
+    """
+    if training and os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if os.path.isdir(path):
+        fail(f"{path} is a directory, not a checkpoint file")
+    if not os.path.exists(path):
+        fail(f"no such checkpoint: {path}")
+    if os.path.getsize(path) == 0:
+        fail(f"{path} is an empty file, not a checkpoint")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        fail(f"no such checkpoint: {path}")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        why = [line.strip() for line in str(e).splitlines() if "Unsupported" in line] or ["not a torch checkpoint"]
-        fail(f"refusing to load {path}: not a plain-data MEow checkpoint ({why[0][:200]})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} is not a checkpoint of {os.path.basename(__file__)}")
+    except Exception as e:
+        unsupported = re.search(r"Unsupported (\w+)[^\n]*?(?=\. |\n|$)", str(e))  # weights_only's refusals
+        if unsupported and unsupported[1] == "global":
+            fail(f"refusing to load {path}: it would import code ({unsupported[0][:150]}); a checkpoint is plain data")
+        # the reason: weights_only's refusal, else the first sentence of the parser's error
+        first_sentence = re.split(r"(?<=[a-z])\. |\n", str(e))[0]
+        why = unsupported[0] if unsupported else f"{type(e).__name__}: {first_sentence}"
+        fail(f"refusing to load {path}: not a readable torch checkpoint file ({why[:150]})")
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        fail(f"{path} is not a checkpoint of {os.path.basename(__file__)}: it holds a {type(ckpt).__name__} "
+             "without a 'format' entry")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        fail(f"{path} is not a checkpoint of {os.path.basename(__file__)}: its format is {repr(ckpt['format'])[:80]}, "
+             f"this script reads {CHECKPOINT_FORMAT!r}")
+    if training and "train_state" not in ckpt:
+        fail(f"{path} is a saved model, not a training checkpoint (use --eval-checkpoint to evaluate it)")
+    try:  # the policy must build from it: a damaged or forged file fails here, not in a traceback later
+        flow_from_checkpoint(ckpt, torch.device("cpu"))
+    except Exception as e:
+        fail(f"{path} does not hold a usable model ({type(e).__name__}: {' '.join(str(e).split())[:220]})")
     return ckpt
 
 
@@ -490,10 +529,7 @@ if __name__ == "__main__":
     # ---- Resume: take the run's name and training state from its checkpoint -----------------
     resume_ckpt = None
     if args.resume is not None:
-        path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
-        resume_ckpt = load_checkpoint(path)
-        if "train_state" not in resume_ckpt:
-            fail(f"{path} is a saved model, not a training checkpoint (use --eval-checkpoint to evaluate it)")
+        resume_ckpt = load_checkpoint(args.resume, training=True)
         saved = resume_ckpt["train_state"]["args"]
         mismatched = [k for k in saved if k not in RESUME_MAY_CHANGE and saved[k] != getattr(args, k, None)]
         if mismatched:
@@ -578,6 +614,7 @@ if __name__ == "__main__":
 
     # ---- Training loop ------------------------------------------------------------------------
     start_time, needs_reset = time.time(), True
+    skipped, updates_unread = int(nonfinite_updates), 0  # the counter as last read, updates since
     log_time = start_time  # time of the last progress line: the time left uses the recent rate
     episodic_return, episodic_length = 0.0, 0
     for global_step in range(start_step, args.total_timesteps):
@@ -610,15 +647,22 @@ if __name__ == "__main__":
         # ALGO LOGIC: training. One soft Bellman regression step per environment step
         if global_step > args.learning_starts:
             loss, q, grad_norm = update(rb.sample(args.batch_size))
+            updates_unread += 1
 
-            if global_step % args.log_frequency == 0:  # the only host syncs of the update
-                skipped = int(nonfinite_updates)
+            if global_step % args.log_frequency == 0:  # the only host syncs of the update (and the one below)
+                skipped, updates_unread = int(nonfinite_updates), 0
                 writer.add_scalar("losses/qf_loss", loss.item(), global_step)
                 writer.add_scalar("losses/qf1_values", q[:, 0].mean().item(), global_step)
                 writer.add_scalar("losses/qf2_values", q[:, 1].mean().item(), global_step)
                 writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
                 writer.add_scalar("losses/nonfinite_updates", skipped, global_step)
+            # Stop at the very update that makes --max-nonfinite-updates skipped ones. The device counter
+            # grows by at most 1 per update, and reading it is a host sync on a GPU: it is read only once
+            # it could have reached the limit, (limit - value last read) updates after the last read.
+            if skipped + updates_unread >= args.max_nonfinite_updates:
+                skipped, updates_unread = int(nonfinite_updates), 0
                 if skipped >= args.max_nonfinite_updates:
+                    writer.add_scalar("losses/nonfinite_updates", skipped, global_step)
                     writer.close()
                     fail(f"{skipped} updates had a non-finite loss or gradient (each skipped); stopping at "
                          f"step {global_step}. Try a smaller --learning-rate or --alpha.")

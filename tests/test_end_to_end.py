@@ -60,13 +60,6 @@ def test_short_hopper_run_logs_tags_saves_and_reloads(run, tmp_path):
 BAD_INPUTS = [
     (["--env-id", "Pendulumm-v1"], "cannot make environment"),
     (["--env-id", "CartPole-v1"], "continuous (Box) action space"),
-    (["--total-timesteps", 0], "--total-timesteps must be positive"),
-    (["--sigma-min", "-0.3", "--sigma-max", "-1"], "--sigma-min"),
-    (["--batch-size", 512, "--buffer-size", 256], "--batch-size (512) cannot exceed"),
-    (["--tau", 0], "--tau"),
-    (["--learning-starts", -1], "--learning-starts"),
-    (["--eval-checkpoint", "does_not_exist.pt"], "no such checkpoint"),
-    (["--resume", "does_not_exist.pt"], "no such checkpoint"),
     (["--total-timesteps", "ten"], None),  # tyro's own parse error
 ]
 
@@ -86,11 +79,12 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(run, tmp_path):
     out = run(SCRIPT, "--env-id", "tests.scripted_env:NanReward-v0", "--total-timesteps", 400, "--learning-starts", 50,
               "--batch-size", 8, "--log-frequency", 100, "--max-nonfinite-updates", 20, "--eval-frequency", 1000)
     assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert "non-finite" in out.stderr.strip().splitlines()[-1]
+    # every reward is NaN, so every update is skipped: the 20th, at step 51 + 19, stops the run
+    assert out.stderr.strip().splitlines()[-1].startswith("error: 20 updates had a non-finite loss or gradient "
+                                                          "(each skipped); stopping at step 70.")
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     tags, _ = read_tensorboard(run_dir)
-    counts = [v for _, v in tags["losses/nonfinite_updates"]]
-    assert counts and counts[-1] >= 20
+    assert tags["losses/nonfinite_updates"][-1] == (70, 20)
 
 
 def test_same_seed_gives_the_same_numbers(run, tmp_path):

@@ -263,11 +263,8 @@ def test_missing_isaacgym_is_one_clear_line(run, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--num-envs", 0], "--num-envs must be positive"),
-    (["--batch-size", 2000, "--buffer-size", 10, "--num-envs", 100], "cannot exceed the replay capacity"),
     (["--env-id", "CartPole-v1"], "continuous (Box) action space"),
     (["--env-id", "NoSuchEnv-v0"], "cannot make environment"),
-    (["--sigma-min", 3.0], "--sigma-min"),
 ])
 def test_bad_input_exits_nonzero_with_one_line(run, tmp_path, args, message):
     out = run(SCRIPT, "--backend", "gymnasium", *args)
@@ -325,21 +322,6 @@ def test_killed_run_resumes_with_its_state_and_finishes(tmp_path):
     qf = scalars(run_dir)["losses/qf_loss"]
     steps = [s for s, _ in qf]
     assert steps == sorted(set(steps)) and steps[-1] == 2400
-
-
-def test_malicious_checkpoint_is_refused(run, tmp_path):
-    import pickle
-
-    from .test_resume import CreatesAFile
-
-    victim, evil = tmp_path / "pwned.txt", tmp_path / "evil.pt"
-    with open(evil, "wb") as f:
-        pickle.dump({"format": isaac.CHECKPOINT_FORMAT, "model": CreatesAFile(str(victim))}, f)
-    for flag in ["--resume", "--eval-checkpoint"]:
-        out = run(SCRIPT, "--backend", "gymnasium", "--env-id", "Ant-v4", flag, evil)
-        assert out.returncode != 0 and "Traceback" not in out.stderr
-        assert out.stderr.strip().splitlines()[-1].startswith("error: refusing to load")
-        assert not victim.exists()
 
 
 def test_isaac_flow_and_loss_match_the_single_env_script():

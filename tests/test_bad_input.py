@@ -1,0 +1,371 @@
+"""Bad input to either script is refused in one line, with a non-zero exit, before anything is written:
+every numeric flag, and every kind of file handed to --eval-checkpoint or --resume. Most cases call
+check_args / load_checkpoint in-process; a few real runs show that nothing lands in runs/ or videos/.
+Last, --max-nonfinite-updates N stops a run at the update that makes the N-th skipped one."""
+import contextlib
+import io
+import os
+import pickle
+import random
+import runpy
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, fields
+
+import numpy as np
+import pytest
+import torch
+import tyro
+from gymnasium.utils.seeding import np_random
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import ebflow_continuous_action as cont
+import ebflow_isaacgym as isaac
+
+from .conftest import ROOT
+from .test_loss import batch
+
+SCRIPTS = {cont: "ebflow_continuous_action.py", isaac: "ebflow_isaacgym.py"}
+NAN, INF = float("nan"), float("inf")
+
+
+def refusal(fn, *args):
+    """Call fn, which must refuse: a non-zero exit and one line on stderr, returned."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit:
+        fn(*args)
+    assert exit.value.code != 0
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in lines[0], err.getvalue()
+    return lines[0]
+
+
+def numeric_flags(mod):
+    return [f.name for f in fields(mod.Args) if f.type in (int, float)]
+
+
+def dashed(name):
+    return "--" + name.replace("_", "-")
+
+
+# ---- Numeric flags -------------------------------------------------------------------------------
+# Bad values per flag, written here independently of the scripts' rule table. Every int and float
+# flag of both scripts must be listed (test_every_numeric_flag_has_bad_values_here).
+NOT_POSITIVE_INT = [0, -1]
+NOT_POSITIVE_FLOAT = [0.0, -1e-3, NAN, INF, -INF]
+BAD_VALUES = {
+    "seed": [-1, 2**32],  # numpy's seeds are 32-bit, Gymnasium's non-negative
+    "checkpoint_frequency": [-1],
+    "log_frequency": NOT_POSITIVE_INT,
+    "num_envs": NOT_POSITIVE_INT,
+    "graphics_device_id": [-2],  # -1 is Isaac Gym's "no graphics device"
+    "total_timesteps": NOT_POSITIVE_INT,
+    "buffer_size": NOT_POSITIVE_INT,
+    "gamma": [-0.01, 1.01, NAN, INF],
+    "tau": [0.0, -0.5, 1.5, NAN, -INF],
+    "batch_size": NOT_POSITIVE_INT,
+    "learning_starts": [-1],
+    "learning_rate": NOT_POSITIVE_FLOAT,
+    "max_grad_norm": NOT_POSITIVE_FLOAT,
+    "alpha": NOT_POSITIVE_FLOAT,
+    "sigma_max": [NAN, INF, -INF, 1e39],  # beyond float32
+    "sigma_min": [NAN, INF, -INF],
+    "flow_hidden": NOT_POSITIVE_INT,
+    "shift_hidden": NOT_POSITIVE_INT,
+    "obs_clip": NOT_POSITIVE_FLOAT + [3.5e38],
+    "eval_frequency": NOT_POSITIVE_INT,
+    "eval_episodes": NOT_POSITIVE_INT,
+    "max_nonfinite_updates": NOT_POSITIVE_INT,
+}
+# Edge values that are fine, so the checks are not simply stricter than the flags' meaning
+GOOD_EDGES = {"seed": [0, 2**32 - 1], "checkpoint_frequency": [0], "learning_starts": [0], "gamma": [0.0, 1.0],
+              "tau": [1.0], "graphics_device_id": [-1], "sigma_min": [-1e6]}
+FLAG_CASES = [(mod, name, value) for mod in SCRIPTS for name in numeric_flags(mod)
+              for value in BAD_VALUES.get(name, [])]
+
+
+@pytest.mark.parametrize("mod", SCRIPTS, ids=SCRIPTS.values())
+def test_every_numeric_flag_has_bad_values_here_and_one_rule_in_the_script(mod):
+    assert set(numeric_flags(mod)) <= set(BAD_VALUES), "a new numeric flag: add its bad values above"
+    assert sorted(mod.RULE_OF) == sorted(numeric_flags(mod)), "the script's rule table and its Args differ"
+
+
+@pytest.mark.parametrize("mod,name,value", FLAG_CASES,
+                         ids=[f"{SCRIPTS[m][:-3]}-{dashed(n)}={v}" for m, n, v in FLAG_CASES])
+def test_bad_value_of_a_numeric_flag_is_refused_in_one_line(mod, name, value):
+    args = tyro.cli(mod.Args, args=[dashed(name), str(value)])  # parsed as the command line parses it
+    assert refusal(mod.check_args, args).startswith(f"error: {dashed(name)} must be")
+
+
+@pytest.mark.parametrize("mod", SCRIPTS, ids=SCRIPTS.values())
+def test_edge_values_of_numeric_flags_are_accepted(mod):
+    for name, values in GOOD_EDGES.items():
+        if name in numeric_flags(mod):
+            for value in values:
+                mod.check_args(tyro.cli(mod.Args, args=[dashed(name), str(value)]))
+
+
+CROSS_FIELD = [
+    (cont, ["--sigma-min", "-0.3", "--sigma-max", "-1"], "--sigma-min (-0.3) must be smaller than --sigma-max"),
+    (cont, ["--batch-size", "512", "--buffer-size", "256"], "--batch-size (512) cannot exceed --buffer-size (256)"),
+    (isaac, ["--sigma-min", "3.0"], "--sigma-min (3.0) must be smaller than --sigma-max"),
+    (isaac, ["--batch-size", "2000", "--buffer-size", "10", "--num-envs", "100"], "cannot exceed the replay capacity"),
+    (isaac, ["--total-timesteps", "100", "--num-envs", "128"], "less than one vector step"),
+]
+
+
+@pytest.mark.parametrize("mod,argv,message", CROSS_FIELD, ids=[" ".join(a) for _, a, _ in CROSS_FIELD])
+def test_inconsistent_flags_are_refused_in_one_line(mod, argv, message):
+    assert message in refusal(mod.check_args, tyro.cli(mod.Args, args=argv))
+
+
+def build_and_update(mod, args):
+    """What a run builds from the flags, and one update and one action: must not raise."""
+    obs_dim, act_dim = 3, 2
+    flow, target = (mod.EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max, 8, 8)
+                    for _ in range(2))
+    update, _, _ = mod.make_update(flow, target, args)
+    data = batch(obs_dim, act_dim, n=16, dtype=torch.float32)
+    if mod is isaac:
+        data = (*data, torch.ones(16))  # valid
+        isaac.RunningMeanStd(obs_dim, args.obs_clip)(data[0])
+    update(data)
+    with torch.no_grad():
+        flow.sample(data[0])
+
+
+@pytest.mark.parametrize("mod", SCRIPTS, ids=SCRIPTS.values())
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+@given(data=st.data())
+def test_property_any_float_flag_value_is_refused_in_one_line_or_builds_and_updates(mod, data):
+    name = data.draw(st.sampled_from([f.name for f in fields(mod.Args) if f.type is float]))
+    value = data.draw(st.floats())  # every double: NaN, the infinities, subnormals, huge values
+    args = mod.Args(**{name: value})
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            mod.check_args(args)
+    except SystemExit:
+        assert dashed(name) in refusal(mod.check_args, args)
+        return
+    build_and_update(mod, args)
+
+
+@pytest.mark.parametrize("mod", SCRIPTS, ids=SCRIPTS.values())
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+@given(seed=st.integers(-2**70, 2**70))
+def test_property_any_seed_is_refused_in_one_line_or_seeds_every_generator(mod, seed):
+    args = mod.Args(seed=seed)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            mod.check_args(args)
+    except SystemExit:
+        assert refusal(mod.check_args, args).startswith("error: --seed")
+        return
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    np_random(seed + 1_000_000)  # Gymnasium's reset(seed=...), as the evaluation seeds it
+
+
+# ---- Files handed to --eval-checkpoint and --resume -----------------------------------------------
+class CreatesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # unpickling this calls open(path, "w"): code execution
+        return (open, (self.path, "w"))
+
+
+def checkpoint(mod, training=False):
+    """A saved model of mod's script, built by its own model_checkpoint; with training=True a training
+    checkpoint (the part load_checkpoint reads: train_state present; its contents are read later)."""
+    args = mod.Args(flow_hidden=8, shift_hidden=8)
+    flow = mod.EBFlowPolicy(3, 2, args.alpha, args.sigma_min, args.sigma_max, 8, 8)
+    normalizer = [isaac.RunningMeanStd(3, args.obs_clip)] if mod is isaac else []
+    ckpt = mod.model_checkpoint(flow, *normalizer, args, 3, 2, 100)
+    if training:
+        ckpt["train_state"] = {"args": asdict(args), "global_step": 100}
+    return ckpt
+
+
+def torch_bytes(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def zip_bytes():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("data.txt", "a zip archive, not torch's layout")
+    return buf.getvalue()
+
+
+def other(mod):
+    return isaac if mod is cont else cont
+
+
+NOT_TORCH = "not a readable torch checkpoint file"
+# name -> (the file's bytes for a script's module, message for --eval-checkpoint, message for --resume);
+# a message None: the file is accepted
+FILES = {
+    "text (an /etc/passwd)": (lambda mod: b"root:x:0:0:root:/root:/bin/bash\nbin:x:1:1::/:/usr/sbin/nologin\n",
+                              NOT_TORCH, NOT_TORCH),
+    "empty": (lambda mod: b"", "is an empty file", "is an empty file"),
+    **{f"random bytes {n}": (lambda mod, n=n: random.Random(n).randbytes(n), NOT_TORCH, NOT_TORCH)
+       for n in [1, 7, 100, 4096]},
+    "a zip that is not torch's": (lambda mod: zip_bytes(), NOT_TORCH, NOT_TORCH),
+    "a plain pickle of data": (lambda mod: pickle.dumps({"format": mod.CHECKPOINT_FORMAT}), NOT_TORCH, NOT_TORCH),
+    "a real checkpoint cut in half": (lambda mod: (lambda b: b[: len(b) // 2])(torch_bytes(checkpoint(mod, True))),
+                                      NOT_TORCH, NOT_TORCH),
+    "a real checkpoint's first 10 bytes": (lambda mod: torch_bytes(checkpoint(mod, True))[:10], NOT_TORCH, NOT_TORCH),
+    "a tensor": (lambda mod: torch_bytes(torch.zeros(3)), "is not a checkpoint of", "is not a checkpoint of"),
+    "a dict without format": (lambda mod: torch_bytes({"model": {}}), "without a 'format' entry",
+                              "without a 'format' entry"),
+    "the other script's saved model": (lambda mod: torch_bytes(checkpoint(other(mod))), "its format is 'meow-",
+                                       "its format is 'meow-"),
+    "the other script's checkpoint": (lambda mod: torch_bytes(checkpoint(other(mod), True)), "its format is 'meow-",
+                                      "its format is 'meow-"),
+    "a saved model": (lambda mod: torch_bytes(checkpoint(mod)), None, "is a saved model, not a training checkpoint"),
+    "a training checkpoint": (lambda mod: torch_bytes(checkpoint(mod, True)), None, None),
+    "this format, other network shapes": (
+        lambda mod: torch_bytes({**checkpoint(mod, True), "act_dim": 5}), "does not hold a usable model",
+        "does not hold a usable model"),
+    "this format, entries missing": (lambda mod: torch_bytes({"format": mod.CHECKPOINT_FORMAT, "train_state": {}}),
+                                     "does not hold a usable model (KeyError", "does not hold a usable model"),
+}
+FILE_CASES = [(mod, name, flag) for mod in SCRIPTS for name in FILES for flag in ["--eval-checkpoint", "--resume"]]
+
+
+@pytest.mark.parametrize("mod,name,flag", FILE_CASES, ids=[f"{SCRIPTS[m][:-3]}-{f}-{n}" for m, n, f in FILE_CASES])
+def test_file_that_is_not_a_checkpoint_of_this_script_is_refused_in_one_line(mod, name, flag, tmp_path):
+    contents, eval_message, resume_message = FILES[name]
+    path = tmp_path / "file.pt"
+    path.write_bytes(contents(mod))
+    message = eval_message if flag == "--eval-checkpoint" else resume_message
+    training = flag == "--resume"
+    if message is None:  # accepted: the script's own files
+        ckpt = mod.load_checkpoint(str(path), training)
+        assert ckpt["format"] == mod.CHECKPOINT_FORMAT and ckpt["global_step"] == 100
+    else:
+        line = refusal(mod.load_checkpoint, str(path), training)
+        assert str(path) in line and message in line
+
+
+@pytest.mark.parametrize("mod", SCRIPTS, ids=SCRIPTS.values())
+def test_missing_file_directory_and_pickle_that_runs_code_are_refused_in_one_line(mod, tmp_path):
+    missing = str(tmp_path / "missing.pt")
+    for training in [False, True]:
+        assert refusal(mod.load_checkpoint, missing, training) == f"error: no such checkpoint: {missing}"
+    # a name with a line break is still one line
+    assert refusal(mod.load_checkpoint, "a\nb.pt", False) == "error: no such checkpoint: a\\nb.pt"
+    # a directory: --eval-checkpoint wants a file; --resume takes a run directory, if it holds checkpoint.pt
+    assert "is a directory, not a checkpoint file" in refusal(mod.load_checkpoint, str(tmp_path), False)
+    assert refusal(mod.load_checkpoint, str(tmp_path), True) == \
+        f"error: no such checkpoint: {os.path.join(tmp_path, 'checkpoint.pt')}"
+    (tmp_path / "checkpoint.pt").write_bytes(torch_bytes(checkpoint(mod, True)))
+    assert mod.load_checkpoint(str(tmp_path), True)["format"] == mod.CHECKPOINT_FORMAT
+    # a pickle that would run code: refused, and the code did not run. With torch's pickle protocol (2)
+    # the unpickler reaches the code and names it; with Python's default (4) it refuses the first frame.
+    victim, evil = tmp_path / "pwned.txt", tmp_path / "evil.pt"
+    for protocol, message in [(2, "it would import code (Unsupported global: GLOBAL "),
+                              (pickle.DEFAULT_PROTOCOL, NOT_TORCH)]:
+        with open(evil, "wb") as f:
+            pickle.dump({"format": mod.CHECKPOINT_FORMAT, "model": CreatesAFile(str(victim))}, f, protocol)
+        for training in [False, True]:
+            line = refusal(mod.load_checkpoint, str(evil), training)
+            assert line.startswith(f"error: refusing to load {evil}: {message}")
+    assert not victim.exists()
+
+
+@settings(max_examples=150, deadline=None, database=None, derandomize=True)
+@given(prefix=st.sampled_from([b"", b"PK\x03\x04", b"\x80\x02", b"\x80\x02}q\x00(X"]), body=st.binary(max_size=3000))
+@example(prefix=b"", body=b"c\x0b\x00")  # a GLOBAL opcode naming "\x0b": torch's message then spans two lines
+def test_property_any_bytes_are_refused_in_one_line(prefix, body):
+    """Fuzzing the loader: any bytes (some starting like a zip or a pickle, to reach deeper) are refused."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "fuzz.pt")
+        with open(path, "wb") as f:
+            f.write(prefix + body)
+        for mod in SCRIPTS:
+            assert path in refusal(mod.load_checkpoint, path, False)
+
+
+# ---- A few real runs: non-zero exit, one line, nothing written ------------------------------------
+RUNS = [
+    ("ebflow_continuous_action.py", ["--learning-rate", "nan", "--capture-video", "--save-model"], "--learning-rate"),
+    ("ebflow_isaacgym.py", ["--backend", "gymnasium", "--env-id", "Pendulum-v1", "--alpha", "inf", "--save-model"],
+     "--alpha"),
+    ("ebflow_continuous_action.py", ["--eval-checkpoint", "passwd", "--capture-video"], "refusing to load passwd"),
+    ("ebflow_isaacgym.py", ["--backend", "gymnasium", "--env-id", "Pendulum-v1", "--resume", "evil.pt"],
+     "refusing to load evil.pt: it would import code"),
+]
+
+
+@pytest.mark.parametrize("script,argv,message", RUNS, ids=[f"{s[:-3]} {' '.join(a)}" for s, a, _ in RUNS])
+def test_bad_input_run_exits_nonzero_with_one_line_and_writes_nothing(run, tmp_path, script, argv, message):
+    (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"model": CreatesAFile(str(tmp_path / "pwned.txt"))}, f, protocol=2)
+    out = run(script, *argv)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line
+    assert sorted(os.listdir(tmp_path)) == ["evil.pt", "passwd"]  # no runs/, no videos/, no pwned.txt
+
+
+# ---- --max-nonfinite-updates N: the run stops at the update that makes the N-th skipped one ---------
+TINY = ["--env-id", "tests.scripted_env:RandomStart-v0", "--learning-starts", 10, "--batch-size", 8,
+        "--buffer-size", 100, "--flow-hidden", 8, "--shift-hidden", 8, "--eval-episodes", 1, "--no-cuda"]
+STOP_RUNS = {  # script -> (its arguments, the global step of update k)
+    "ebflow_continuous_action.py": (TINY + ["--total-timesteps", 200, "--eval-frequency", 1000], lambda k: 10 + k),
+    "ebflow_isaacgym.py": (TINY + ["--backend", "gymnasium", "--num-envs", 2, "--total-timesteps", 400,
+                                   "--eval-frequency", 2000], lambda k: 2 * (10 + k)),
+}
+
+
+def run_in_process(script, argv, monkeypatch, tmp_path):
+    """Run a script's __main__ in this process (in tmp_path), so torch functions can be patched."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
+    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+
+
+@pytest.mark.parametrize("script", STOP_RUNS)
+def test_run_stops_at_the_update_that_makes_max_nonfinite_updates(script, monkeypatch, tmp_path, capsys):
+    """Updates 2, 9, 10, 17 and 18 are made non-finite (the gradient norm the update computes is NaN, so
+    the fused Adam skips them); with --max-nonfinite-updates 4 the run stops right after update 17, at its
+    step, although the counter is logged only every 12 steps."""
+    args, step_of_update = STOP_RUNS[script]
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_nan_on_schedule(*a, **kw):
+        calls.append(None)
+        norm = clip(*a, **kw)
+        return norm * NAN if len(calls) in {2, 9, 10, 17, 18} else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_nan_on_schedule)
+    with pytest.raises(SystemExit) as exit:
+        run_in_process(script, args + ["--max-nonfinite-updates", 4, "--log-frequency", 12], monkeypatch, tmp_path)
+    assert exit.value.code != 0 and len(calls) == 17
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: 4 updates had a non-finite loss or gradient (each skipped); stopping at step "
+                           f"{step_of_update(17)}.")
+
+
+def test_healthy_run_reads_the_nonfinite_counter_once_per_limit_updates_not_per_update(monkeypatch, tmp_path):
+    """The counter lives on the device (a host sync to read on a GPU): with --max-nonfinite-updates 25
+    and no non-finite update, 189 updates read it at the start and every 25 updates, 8 times in all."""
+    reads, to_int = [], torch.Tensor.__int__
+
+    def counting_int(self):
+        reads.append(None)
+        return to_int(self)
+
+    monkeypatch.setattr(torch.Tensor, "__int__", counting_int)
+    args, _ = STOP_RUNS["ebflow_continuous_action.py"]
+    run_in_process("ebflow_continuous_action.py", args + ["--max-nonfinite-updates", 25, "--log-frequency", 1000],
+                   monkeypatch, tmp_path)
+    assert len(reads) == 1 + 189 // 25
