@@ -829,14 +829,20 @@ if __name__ == "__main__":
         run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # ---- Networks: one EBFlow is policy and critic; a target copy gives Vbar ---------------
-    flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
-                        args.flow_hidden, args.shift_hidden).to(device)
-    target_flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
-                               args.flow_hidden, args.shift_hidden).to(device)
-    target_flow.load_state_dict(flow.state_dict())
-    target_flow.eval()  # the target runs in eval mode (no dropout)
-    normalizer = RunningMeanStd(obs_dim, args.obs_clip).to(device)
-    rb = ReplayBuffer(args.buffer_size, N, obs_dim, act_dim, device)
+    try:  # sizes the machine cannot hold are bad input too: one line, before anything is written
+        flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
+                            args.flow_hidden, args.shift_hidden).to(device)
+        target_flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
+                                   args.flow_hidden, args.shift_hidden).to(device)
+        target_flow.load_state_dict(flow.state_dict())
+        target_flow.eval()  # the target runs in eval mode (no dropout)
+        normalizer = RunningMeanStd(obs_dim, args.obs_clip).to(device)
+        rb = ReplayBuffer(args.buffer_size, N, obs_dim, act_dim, device)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        fail(f"cannot allocate the networks and the replay buffer on {device} "
+             f"(--buffer-size {args.buffer_size}, --flow-hidden {args.flow_hidden}, "
+             f"--shift-hidden {args.shift_hidden}): "
+             f"{str(e).strip().splitlines()[0]}")
     update, optimizer, nonfinite_updates = make_update(flow, target_flow, args, compile=args.compile)
     # acting: a ~ pi(.|s); --compile fuses it (CUDA graphs on GPU)
     act_fn = compile_fn(flow.sample, device) if args.compile else flow.sample

@@ -301,6 +301,11 @@ RUNS = [
     ("ebflow_continuous_action.py", ["--eval-checkpoint", "passwd", "--capture-video"], "refusing to load passwd"),
     ("ebflow_isaacgym.py", ["--backend", "gymnasium", "--env-id", "Pendulum-v1", "--resume", "evil.pt"],
      "refusing to load evil.pt: it would import code"),
+    # sizes no machine holds: refused where the tensors are allocated, still before anything is written
+    ("ebflow_continuous_action.py", ["--env-id", "Pendulum-v1", "--buffer-size", "10000000000000"],
+     "cannot allocate the networks and the replay buffer"),
+    ("ebflow_isaacgym.py", ["--backend", "gymnasium", "--env-id", "Pendulum-v1", "--num-envs", "2",
+                            "--buffer-size", "10000000000000"], "cannot allocate the networks and the replay buffer"),
 ]
 
 
