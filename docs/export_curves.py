@@ -21,10 +21,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="TensorBoard eval/return of MEow runs -> CSV (env_id,seed,step,eval_return)")
+    parser = argparse.ArgumentParser(description="eval/return of MEow runs -> CSV (env_id,seed,step,eval_return)")
     parser.add_argument("runs_dirs", nargs="+", metavar="RUNS_DIR")
     parser.add_argument("--exp-name", help="only the runs of this experiment (e.g. sweep)")
-    parser.add_argument("--merge", action="store_true", help="keep the CSV's rows of the tasks and seeds not exported now")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the CSV's rows of the tasks and seeds not exported now")
     parser.add_argument("--csv", default=os.path.join(HERE, "mujoco_eval.csv"), help="default: docs/mujoco_eval.csv")
     parser.add_argument("--plot", action="store_true", help="then draw the figure (next to the CSV, .png)")
     args = parser.parse_args()
@@ -51,8 +52,8 @@ if __name__ == "__main__":
     kept = []
     if args.merge and os.path.exists(args.csv):
         with open(args.csv) as f:
-            kept = [(r["env_id"], int(r["seed"]), int(r["step"]), float(r["eval_return"])) for r in csv.DictReader(f)
-                    if (r["env_id"], int(r["seed"])) not in source]
+            kept = [(r["env_id"], int(r["seed"]), int(r["step"]), float(r["eval_return"]))
+                    for r in csv.DictReader(f) if (r["env_id"], int(r["seed"])) not in source]
     rows = sorted(rows + kept)
     tmp = f"{args.csv}.tmp"  # write, then rename: an interrupted export leaves the old CSV
     with open(tmp, "w", newline="") as f:

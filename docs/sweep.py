@@ -17,6 +17,7 @@ executor runs the same jobs on this machine, and a thread pool from the standard
 --max-parallel of them running at once (submitit's local executor starts every job it is given).
 Then `python docs/export_curves.py runs --exp-name sweep --merge --plot` rebuilds the CSV and figure.
 """
+import getpass
 import os
 import shutil
 import signal
@@ -40,11 +41,16 @@ SCRIPT = os.path.join(ROOT, "ebflow_continuous_action.py")
 # The paper's per-task settings (MEOW.md section 4, paper Fig. 3). The README's per-task commands show
 # the same values; tests/test_sweep.py checks that they match.
 PAPER_SETTINGS = {
-    "Hopper-v4": dict(total_timesteps=1_500_000, tau=0.005, alpha=0.25, learning_starts=5_000, sigma_max=-0.3, sigma_min=-5.0),
-    "HalfCheetah-v4": dict(total_timesteps=1_500_000, tau=0.003, alpha=0.25, learning_starts=10_000, sigma_max=2.0, sigma_min=-5.0),
-    "Walker2d-v4": dict(total_timesteps=4_000_000, tau=0.005, alpha=0.1, learning_starts=10_000, sigma_max=-0.3, sigma_min=-5.0),
-    "Ant-v4": dict(total_timesteps=4_000_000, tau=0.0001, alpha=0.05, learning_starts=5_000, sigma_max=-0.3, sigma_min=-5.0),
-    "Humanoid-v4": dict(total_timesteps=5_000_000, tau=0.0005, alpha=0.125, learning_starts=5_000, sigma_max=-0.3, sigma_min=-5.0),
+    "Hopper-v4":
+        dict(total_timesteps=1_500_000, tau=0.005, alpha=0.25, learning_starts=5_000, sigma_max=-0.3, sigma_min=-5.0),
+    "HalfCheetah-v4":
+        dict(total_timesteps=1_500_000, tau=0.003, alpha=0.25, learning_starts=10_000, sigma_max=2.0, sigma_min=-5.0),
+    "Walker2d-v4":
+        dict(total_timesteps=4_000_000, tau=0.005, alpha=0.1, learning_starts=10_000, sigma_max=-0.3, sigma_min=-5.0),
+    "Ant-v4":
+        dict(total_timesteps=4_000_000, tau=0.0001, alpha=0.05, learning_starts=5_000, sigma_max=-0.3, sigma_min=-5.0),
+    "Humanoid-v4":
+        dict(total_timesteps=5_000_000, tau=0.0005, alpha=0.125, learning_starts=5_000, sigma_max=-0.3, sigma_min=-5.0),
 }
 # flags the launcher sets itself for every run
 OWN_FLAGS = ["--env-id", "--seed", "--exp-name", "--run-name", "--resume", "--checkpoint-frequency"]
@@ -63,11 +69,11 @@ class SweepArgs:
     cpus_per_run: int = 1
     """CPU cores (and torch threads, OMP_NUM_THREADS) per run"""
     max_parallel: Optional[int] = None
-    """at most this many runs at once (default: here, cores // cpus-per-run; on Slurm, all)"""
+    """at most this many runs at once; unset: here, cores // cpus-per-run; on Slurm, all"""
     slurm: bool = False
     """submit one Slurm array job instead of running here"""
     partition: Optional[str] = None
-    """Slurm partition (default: the cluster's default partition)"""
+    """Slurm partition; unset: the cluster's default partition"""
     gpus_per_run: int = 0
     """GPUs per run (Slurm)"""
     mem_gb: Optional[float] = None
@@ -98,7 +104,8 @@ def flag_value(flag, argv):
 def run_command(env_id, seed, sweep, extra):
     """The script's command line for one run: the paper's settings, then the passed-through flags."""
     cmd = [sys.executable, SCRIPT, "--env-id", env_id, "--seed", str(seed), "--exp-name", sweep.exp_name,
-           "--run-name", f"{env_id}__{sweep.exp_name}__{seed}", "--checkpoint-frequency", str(sweep.checkpoint_frequency)]
+           "--run-name", f"{env_id}__{sweep.exp_name}__{seed}",
+           "--checkpoint-frequency", str(sweep.checkpoint_frequency)]
     for key, value in PAPER_SETTINGS[env_id].items():
         flag = "--" + key.replace("_", "-")
         if not flag_given(flag, extra):  # a passed-through flag replaces the paper's value
@@ -138,9 +145,10 @@ class TrainRun(submitit.helpers.Checkpointable):
         env = {k: v for k, v in {**os.environ, **self.env}.items() if v is not None}
 
         def ignore_stop_signals():
-            # Slurm signals every process of the job. SIGUSR2 is for submitit's handler (above); after
-            # SIGTERM the job process waits for the SIGKILL that follows: no result is recorded for a run
-            # that is being requeued.
+            # Slurm signals every process of the job; the training process ignores both signals. SIGUSR2 is
+            # for submitit's handler in this job process (above), which then ends the training process.
+            # SIGTERM submitit ignores too, so both end by the SIGKILL that follows, and no result is
+            # recorded for a run that Slurm requeues.
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -162,9 +170,9 @@ def fail(message):
 def summarize(outcomes):
     """outcomes: [(TrainRun, job)]; prints one line per run, returns the number of failed runs."""
     failed = 0
+    errors = [job.exception() for _, job in outcomes]  # waits for every job
     print(f"\n{'run':<40} result")
-    for run, job in outcomes:
-        error = job.exception()
+    for (run, job), error in zip(outcomes, errors):
         if error is None:
             print(f"{run.run_name:<40} {job.result()}")
         else:
@@ -180,13 +188,14 @@ def summarize(outcomes):
 if __name__ == "__main__":
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    sweep = tyro.cli(SweepArgs, args=argv[: argv.index("--")] if "--" in argv else argv)
+    sweep = tyro.cli(SweepArgs, args=argv[: argv.index("--")] if "--" in argv else argv, description=__doc__)
     unknown = [e for e in sweep.env_ids if e not in PAPER_SETTINGS]
     if unknown:
         fail(f"no paper settings for {', '.join(unknown)}; known tasks: {', '.join(PAPER_SETTINGS)}")
     owned = [f for f in OWN_FLAGS if flag_given(f, extra)]
     if owned:
-        fail(f"{', '.join(owned)} are set by the launcher (use --env-ids, --seeds, --exp-name, --checkpoint-frequency)")
+        fail(f"the launcher sets {', '.join(owned)} itself "
+             "(use --env-ids, --seeds, --exp-name, --checkpoint-frequency)")
     if sweep.checkpoint_frequency <= 0 or sweep.cpus_per_run <= 0 or (sweep.max_parallel or 1) <= 0:
         fail("--checkpoint-frequency, --cpus-per-run and --max-parallel must be positive")
     if "/" in sweep.exp_name or "__" in sweep.exp_name or not sweep.exp_name:
@@ -209,9 +218,16 @@ if __name__ == "__main__":
             runs.append(TrainRun(name, run_command(env_id, seed, sweep, extra), workdir,
                                  os.path.join(log_dir, f"{name}.log"), env))
 
-    executor = submitit.AutoExecutor(folder=os.path.join(log_dir, "submitit"), cluster="slurm" if sweep.slurm else "local",
+    executor = submitit.AutoExecutor(folder=os.path.join(log_dir, "submitit"),
+                                     cluster="slurm" if sweep.slurm else "local",
                                      slurm_max_num_timeout=sweep.max_timeouts)
     if sweep.slurm:
+        # a second array on the same run directories would train each run twice at once
+        queued = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-n", f"meow-{sweep.exp_name}", "-o", "%F"],
+                                capture_output=True, text=True).stdout.split()
+        if queued:
+            fail(f"array job {queued[0]} (meow-{sweep.exp_name}) is still queued or running: "
+                 "wait for it, or scancel it")
         executor.update_parameters(
             name=f"meow-{sweep.exp_name}", timeout_min=sweep.time_min, cpus_per_task=sweep.cpus_per_run,
             mem_gb=sweep.mem_gb, gpus_per_node=sweep.gpus_per_run or None, slurm_partition=sweep.partition,

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from .conftest import ROOT, read_tensorboard, run_script
 
@@ -61,7 +62,8 @@ def test_passed_through_flags_replace_the_paper_setting_and_launcher_flags_are_r
 
 def test_run_name_must_not_exist_yet(tmp_path):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
-    out = run_script("ebflow_continuous_action.py", "--run-name", "taken", "--total-timesteps", 10, cwd=tmp_path, env=ENV)
+    out = run_script("ebflow_continuous_action.py", "--run-name", "taken", "--total-timesteps", 10, cwd=tmp_path,
+                     env=ENV)
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
     assert len(errors) == 1 and "--resume runs/taken" in errors[0], out.stderr
@@ -81,7 +83,8 @@ def test_local_sweep_runs_checks_exit_status_exports_and_skips_finished_runs(tmp
                      "--checkpoint-frequency", EVAL, "--", "--total-timesteps", steps, *TINY, cwd=tmp_path, env=ENV)
     assert out.returncode == 1, out.stdout + out.stderr
     summary = out.stdout.split("result\n", 1)[1]
-    assert re.search(r"Hopper-v4__sweep__1 +finished\n", summary) and re.search(r"Hopper-v4__sweep__2 +finished\n", summary)
+    for seed in (1, 2):
+        assert re.search(rf"Hopper-v4__sweep__{seed} +finished\n", summary), summary
     assert re.search(r"Hopper-v4__sweep__3 +FAILED: .*exit status 2", summary), summary
     assert "2 of 3 runs succeeded" in summary
     logs = tmp_path / "runs" / "sweeps" / "sweep"
@@ -101,7 +104,8 @@ def test_local_sweep_runs_checks_exit_status_exports_and_skips_finished_runs(tmp
     assert got == sorted([("Hopper-v4", s, k) for s in (1, 2) for k in range(EVAL, steps + 1, EVAL)]
                          + [("Walker2d-v4", 1, 10000)])
     tb = dict(read_tensorboard(str(tmp_path / "runs" / "Hopper-v4__sweep__2"))[0]["eval/return"])
-    assert [float(r["eval_return"]) for r in rows if r["seed"] == "2"] == [round(tb[k - 1], 1) for k in range(EVAL, steps + 1, EVAL)]
+    expected = [round(tb[k - 1], 1) for k in range(EVAL, steps + 1, EVAL)]  # TensorBoard step = steps taken - 1
+    assert [float(r["eval_return"]) for r in rows if r["seed"] == "2"] == expected
 
     # the same sweep again: finished runs are recognised from their checkpoints and not run again
     ckpt = tmp_path / "runs" / "Hopper-v4__sweep__1" / "checkpoint.pt"
@@ -122,7 +126,7 @@ def slurm_unavailable():
 
 
 @pytest.mark.skipif(slurm_unavailable() is not None, reason=str(slurm_unavailable()))
-def test_slurm_array_finishes_and_a_requeued_run_resumes_to_the_full_step_count(tmp_path):
+def test_slurm_array_requeued_after_preemption_or_time_out_resumes_to_the_full_step_count(tmp_path):
     steps, ckpt_every = 6 * EVAL, 2 * EVAL
     launcher = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "docs", "sweep.py"), "--slurm", "--wait", "--env-ids", "Hopper-v4",
@@ -132,26 +136,30 @@ def test_slurm_array_finishes_and_a_requeued_run_resumes_to_the_full_step_count(
         text=True)
     try:
         job_id = re.match(r"submitted array job (\d+)", launcher.stdout.readline()).group(1)
-        # requeue seed 1 (array task 0) once it has written a checkpoint, while it is still running
-        ckpt = tmp_path / "runs" / "Hopper-v4__sweep__1" / "checkpoint.pt"
+        twice = run_script("docs/sweep.py", "--slurm", "--env-ids", "Hopper-v4", cwd=tmp_path)
+        assert twice.returncode == 2 and f"array job {job_id} " in twice.stderr, twice.stderr
+        # once both runs have written a checkpoint, while they are still running: requeue seed 1 (array
+        # task 0) as a pre-emption does, and send seed 2 the signal Slurm sends before the time limit
+        ckpts = [tmp_path / "runs" / f"Hopper-v4__sweep__{seed}" / "checkpoint.pt" for seed in (1, 2)]
         deadline = time.time() + 120
-        while not ckpt.exists() and time.time() < deadline:
+        while not all(c.exists() for c in ckpts) and time.time() < deadline:
             time.sleep(0.05)
         subprocess.run(["scontrol", "requeue", f"{job_id}_0"], check=True)
+        subprocess.run(["scancel", "--signal=USR2", f"{job_id}_1"], check=True)
         out, _ = launcher.communicate(timeout=240)
     finally:
         if launcher.poll() is None:
             launcher.kill()
             subprocess.run(["scancel", job_id])
     assert launcher.returncode == 0, out
-    assert re.search(r"Hopper-v4__sweep__1 +finished \(resumed\)", out), out
-    assert re.search(r"Hopper-v4__sweep__2 +finished\n", out), out
-    log = (tmp_path / "runs" / "sweeps" / "sweep" / "Hopper-v4__sweep__1.log").read_text()
-    resumed_at = int(re.search(r"resumed \S+ at step (\d+)", log).group(1))
-    assert log.count("==== ") == 2 and 0 < resumed_at < steps and resumed_at % ckpt_every == 0
-    import torch
-
+    # seed 2 went through submitit's time-out handler: checkpoint() and a requeue by the job itself
+    submitit_log = tmp_path / "runs" / "sweeps" / "sweep" / "submitit" / f"{job_id}_1_0_log.err"
+    assert "Caught signal SIGUSR2" in submitit_log.read_text()
     for seed in (1, 2):
+        assert re.search(rf"Hopper-v4__sweep__{seed} +finished \(resumed\)", out), out
+        log = (tmp_path / "runs" / "sweeps" / "sweep" / f"Hopper-v4__sweep__{seed}.log").read_text()
+        resumed_at = int(re.search(r"resumed \S+ at step (\d+)", log).group(1))
+        assert log.count("==== ") == 2 and 0 < resumed_at < steps and resumed_at % ckpt_every == 0
         run_dir = tmp_path / "runs" / f"Hopper-v4__sweep__{seed}"
         assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["train_state"]["global_step"] == steps
         # every evaluation once: the requeued run's events after its checkpoint were purged
