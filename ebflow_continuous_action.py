@@ -25,6 +25,8 @@ import tyro
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
+    run_name: Optional[str] = None
+    """the run's directory under runs/, which must not exist yet (default: {env_id}__{exp_name}__{seed}__{unix time})"""
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
@@ -394,7 +396,7 @@ ARCH_KEYS = ["sigma_min", "sigma_max", "flow_hidden", "shift_hidden"]
 # arguments a resumed run may change; every other one must equal the checkpoint's
 RESUME_MAY_CHANGE = {"total_timesteps", "resume", "checkpoint_frequency", "track", "wandb_project_name",
                      "wandb_entity", "capture_video", "save_model", "cuda", "compile", "log_frequency",
-                     "eval_checkpoint", "exp_name", "max_nonfinite_updates"}
+                     "eval_checkpoint", "exp_name", "run_name", "max_nonfinite_updates"}
 
 
 def save_atomic(obj, path):
@@ -544,6 +546,12 @@ if __name__ == "__main__":
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     if resume_ckpt is not None:
         run_name = resume_ckpt["train_state"]["run_name"]
+    elif args.run_name is not None:  # a fixed name (sweeps): a requeued job finds its run again
+        run_name = args.run_name
+        if not run_name or os.path.basename(run_name) != run_name or run_name in (".", ".."):
+            fail(f"--run-name must be a plain directory name, got {run_name!r}")
+        if os.path.exists(f"runs/{run_name}"):
+            fail(f"runs/{run_name} exists: continue it with --resume runs/{run_name}, or choose another --run-name")
     else:
         run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     eval_env = make_video_env(args.env_id, f"videos/{run_name}") if args.capture_video else make_env(args.env_id)

@@ -1,13 +1,18 @@
-"""Plot docs/mujoco_eval.csv against the paper's values: python docs/plot_curves.py (needs matplotlib).
+"""Plot docs/mujoco_eval.csv against the paper's values: python docs/plot_curves.py [CSV] (needs matplotlib).
 
 Writes docs/mujoco_eval.png (mean and min-max over seeds per task, with the paper's Fig. 3 values
-as reference points) and prints the table that the README shows.
+as reference points) and prints the table that the README shows. Given another CSV (same columns),
+writes the figure next to it, with the same name ending in .png.
 """
 import csv
 import os
+import sys
 from collections import defaultdict
 
-import matplotlib
+try:
+    import matplotlib
+except ImportError:
+    sys.exit("error: docs/plot_curves.py needs matplotlib: pip install matplotlib")
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -15,12 +20,17 @@ import matplotlib.ticker  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # approximate values read off the paper's Fig. 3 (mean of 5 seeds), as quoted in MEOW.md section 4
-PAPER = {"Hopper-v4": [(250_000, 3000), (1_500_000, 3450)], "HalfCheetah-v4": [(1_500_000, 11500)],
-         "Walker2d-v4": [(1_000_000, 5000), (4_000_000, 5500)]}
+PAPER = {"Hopper-v4": [(250_000, 3000), (500_000, 3400), (1_000_000, 3450), (1_500_000, 3500)],
+         "HalfCheetah-v4": [(250_000, 8300), (500_000, 9800), (1_000_000, 11000), (1_500_000, 11500)],
+         "Walker2d-v4": [(500_000, 4000), (1_000_000, 5000), (2_000_000, 5300), (4_000_000, 5500)],
+         "Ant-v4": [(500_000, 1300), (1_000_000, 3800), (2_000_000, 6000), (4_000_000, 6600)],
+         "Humanoid-v4": [(500_000, 1000), (1_000_000, 5500), (2_000_000, 6100), (5_000_000, 6900)]}
 
 if __name__ == "__main__":
+    csv_path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "mujoco_eval.csv")
+    png_path = os.path.splitext(csv_path)[0] + ".png"
     curves = defaultdict(lambda: defaultdict(dict))  # env -> step -> seed -> return
-    with open(os.path.join(HERE, "mujoco_eval.csv")) as f:
+    with open(csv_path) as f:
         for row in csv.DictReader(f):
             curves[row["env_id"]][int(row["step"])][int(row["seed"])] = float(row["eval_return"])
     envs = sorted(curves)
@@ -31,11 +41,12 @@ if __name__ == "__main__":
         mean = [sum(v) / len(v) for v in values]
         ax.plot(steps, mean, label=f"ours, mean of {max(len(v) for v in values)} seeds")
         ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.25, label="min-max")
+        on_axis = [(step, value) for step, value in PAPER.get(env, []) if step <= 1.5 * steps[-1]]
+        if on_axis:
+            ax.plot(*zip(*on_axis), "k*", markersize=10, label="paper Fig. 3 (mean of 5 seeds)")
         off_axis = []
         for step, value in PAPER.get(env, []):
-            if step <= 1.5 * steps[-1]:
-                ax.plot([step], [value], "k*", markersize=10, label=f"paper Fig. 3 at {step // 1000}k (5 seeds)")
-            else:
+            if step > 1.5 * steps[-1]:
                 off_axis.append(f"paper: ~{value:,} at {step / 1e6:g}M")
         if off_axis:
             ax.text(0.98, 0.03, "\n".join(off_axis), transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
@@ -49,5 +60,5 @@ if __name__ == "__main__":
         for s, v, m in zip(steps, values, mean):
             print(f"{s} | {len(v)} | {m:.0f} | {min(v):.0f} | {max(v):.0f}")
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "mujoco_eval.png"), dpi=110)
-    print(f"\nwrote {os.path.join(HERE, 'mujoco_eval.png')}")
+    fig.savefig(png_path, dpi=110)
+    print(f"\nwrote {png_path}")
