@@ -83,8 +83,14 @@ if LATER_VERSION:  # the opt-in flag of later Isaac Lab versions; 2.3.2's config
 
 class LineScene:
     """The toy scene: a point x per env; an action moves it. x leaves [-1, 1]: terminated."""
+    is_vector_env = True
+    metadata = {"render_modes": [None, "human", "rgb_array"]}
 
-    def setup_scene(self, cfg):
+    def setup_scene(self, cfg, render_mode):
+        """What both env classes' __init__ do first: seed from the cfg (configure_seed), keep the cfg."""
+        if cfg.seed is not None:
+            cfg.seed = configure_seed(cfg.seed)
+        self.cfg, self.render_mode = cfg, render_mode
         self.num_envs, self.device = cfg.scene.num_envs, torch.device(cfg.sim.device)
         self.physics_dt, self.step_dt = cfg.sim.dt, cfg.sim.dt * cfg.decimation
         self.max_episode_length = math.ceil(cfg.episode_length_s / self.step_dt)
@@ -132,14 +138,8 @@ def batch_spaces(env, obs_dim, act_dim):
 
 
 class ManagerBasedRLEnv(LineScene, gym.Env):
-    is_vector_env = True
-    metadata = {"render_modes": [None, "human", "rgb_array"]}
-
     def __init__(self, cfg, render_mode=None, **kwargs):
-        if cfg.seed is not None:
-            cfg.seed = configure_seed(cfg.seed)
-        self.cfg, self.render_mode = cfg, render_mode
-        self.setup_scene(cfg)
+        self.setup_scene(cfg, render_mode)
         # TerminationManager's two buffers and RewardManager's buffer
         self._truncated_buf = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
         self._terminated_buf = torch.zeros_like(self._truncated_buf)
@@ -169,14 +169,8 @@ class ManagerBasedRLEnv(LineScene, gym.Env):
 
 
 class DirectRLEnv(LineScene, gym.Env):
-    is_vector_env = True
-    metadata = {"render_modes": [None, "human", "rgb_array"]}
-
     def __init__(self, cfg, render_mode=None, **kwargs):
-        if cfg.seed is not None:
-            cfg.seed = configure_seed(cfg.seed)
-        self.cfg, self.render_mode = cfg, render_mode
-        self.setup_scene(cfg)
+        self.setup_scene(cfg, render_mode)
         self.reset_terminated = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
         self.reset_time_outs = torch.zeros_like(self.reset_terminated)
         batch_spaces(self, cfg.observation_space, cfg.action_space)
