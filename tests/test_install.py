@@ -1,6 +1,7 @@
 """Where users install the scripts: Python 3.8 (Isaac Gym's), and machines where no OpenGL library loads."""
 import ast
 import os
+import sys
 
 import pytest
 import vermin
@@ -8,6 +9,7 @@ import vermin
 from .conftest import ROOT
 
 SCRIPTS = ["ebflow_continuous_action.py", "ebflow_isaacgym.py"]
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="hides OpenGL libraries with LD_LIBRARY_PATH (Linux)")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -41,6 +43,7 @@ def no_opengl(tmp_path, backend):
     return {"MUJOCO_GL": backend, "LD_LIBRARY_PATH": library_path}
 
 
+@linux_only
 @pytest.mark.parametrize("script,args", [
     ("ebflow_continuous_action.py", ["--total-timesteps", 50]),
     ("ebflow_isaacgym.py", ["--backend", "gymnasium", "--num-envs", 2, "--total-timesteps", 40, "--buffer-size", 64]),
@@ -54,6 +57,7 @@ def test_training_loads_no_opengl(run, tmp_path, script, args):
     assert len(list(tmp_path.glob("runs/*/events.out.tfevents.*"))) == 1
 
 
+@linux_only
 @pytest.mark.parametrize("backend", ["osmesa", "glfw"])  # `import mujoco` fails / making the context fails
 def test_capture_video_without_opengl_is_one_line(run, tmp_path, backend):
     out = run("ebflow_continuous_action.py", "--env-id", "InvertedPendulum-v4", "--capture-video",
