@@ -507,13 +507,25 @@ def make_video_env(env_id, video_folder):
         import moviepy  # noqa: F401  (gymnasium's RecordVideo writes mp4 files with it)
     except ImportError:
         fail("--capture-video needs moviepy: pip install moviepy (and MUJOCO_GL=osmesa or egl when headless)")
-    env = make_env(env_id, render=True)
+    try:  # render one frame now: without a working OpenGL backend, one line and nothing written
+        with warnings.catch_warnings():  # (glfw warns before it fails where there is no display)
+            warnings.simplefilter("ignore")
+            env = make_env(env_id, render=True)
+            env.reset()
+            env.render()
+    except Exception as e:
+        fail(f"--capture-video: MuJoCo cannot render here (MUJOCO_GL={os.environ.get('MUJOCO_GL', 'unset')}, "
+             f"{type(e).__name__}); headless: MUJOCO_GL=egl (GPU or Mesa's libEGL) or MUJOCO_GL=osmesa (libosmesa6)")
     return gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda ep: True, disable_logger=True)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
+    # without --capture-video nothing renders: `import mujoco` then loads no OpenGL library (a missing one
+    # would make it fail, e.g. MUJOCO_GL=osmesa without libosmesa6)
+    if not args.capture_video:
+        os.environ["MUJOCO_GL"] = "disable"
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # ---- Reload a saved model and evaluate it (no training) --------------------------------
@@ -542,8 +554,6 @@ if __name__ == "__main__":
                  f"not below --total-timesteps {args.total_timesteps}")
 
     # ---- Environments (validated before anything is written) -------------------------------
-    env = make_env(args.env_id)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     if resume_ckpt is not None:
         run_name = resume_ckpt["train_state"]["run_name"]
     elif args.run_name is not None:  # a fixed name (sweeps): a requeued job finds its run again
@@ -555,6 +565,8 @@ if __name__ == "__main__":
     else:
         run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     eval_env = make_video_env(args.env_id, f"videos/{run_name}") if args.capture_video else make_env(args.env_id)
+    env = make_env(args.env_id)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
 
     # ---- Seeding ------------------------------------------------------------------------------
     random.seed(args.seed)

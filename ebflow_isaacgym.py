@@ -782,6 +782,9 @@ def set_rng_state(state):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
+    # nothing renders: `import mujoco` then loads no OpenGL library (a missing one would make it fail,
+    # e.g. MUJOCO_GL=osmesa without libosmesa6)
+    os.environ["MUJOCO_GL"] = "disable"
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     # ---- Reload a saved model and evaluate it (no training) --------------------------------
     if args.eval_checkpoint is not None:

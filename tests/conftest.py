@@ -10,7 +10,55 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault("MUJOCO_GL", "osmesa")
+
+# This process never renders (tests that render run the scripts in subprocesses), so, like the scripts
+# without --capture-video, it imports mujoco with no OpenGL backend: `import mujoco` loads the library
+# MUJOCO_GL names and fails if it is missing. Subprocesses get the user's MUJOCO_GL back.
+USER_MUJOCO_GL = os.environ.get("MUJOCO_GL")
+os.environ["MUJOCO_GL"] = "disable"
+import mujoco  # noqa: E402,F401
+
+if USER_MUJOCO_GL is None:
+    del os.environ["MUJOCO_GL"]
+else:
+    os.environ["MUJOCO_GL"] = USER_MUJOCO_GL
+
+# One frame of a MuJoCo task, rendered off-screen: the probe for tests that record videos.
+RENDER_PROBE = ("import gymnasium as gym; env = gym.make('InvertedPendulum-v4', render_mode='rgb_array'); "
+                "env.reset(seed=0); assert env.render().std() > 0; env.close()")
+
+
+@pytest.fixture(scope="session")
+def mujoco_gl():
+    """The MUJOCO_GL under which MuJoCo renders here (the user's, else the first of egl, osmesa, glfw that
+    works), for the tests that record videos; they are skipped, with one line, where none works.
+    Each backend is tried in its own subprocess: a missing OpenGL library can break or abort a process."""
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        pytest.skip("video tests need moviepy (pip install moviepy)")
+    tried = [USER_MUJOCO_GL] if USER_MUJOCO_GL else ["egl", "osmesa", "glfw"]
+    for gl in tried:
+        try:
+            probe = subprocess.run([sys.executable, "-c", RENDER_PROBE], env={**os.environ, "MUJOCO_GL": gl},
+                                   capture_output=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            continue
+        if probe.returncode == 0:
+            return gl
+    pytest.skip(f"MuJoCo cannot render here (tried MUJOCO_GL={', '.join(tried)}): "
+                "install libosmesa6 and set MUJOCO_GL=osmesa, or MUJOCO_GL=egl (GPU or Mesa's libEGL)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "render: renders MuJoCo (OpenGL); skipped where that does not work")
+
+
+def pytest_collection_modifyitems(items):
+    # `-m render` selects exactly the tests that need rendering: those using the mujoco_gl fixture
+    for item in items:
+        if "mujoco_gl" in item.fixturenames:
+            item.add_marker(pytest.mark.render)
 
 
 def run_script(script, *args, cwd, timeout=600, env=None):
