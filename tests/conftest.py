@@ -52,6 +52,8 @@ def mujoco_gl():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "render: renders MuJoCo (OpenGL); skipped where that does not work")
+    config.addinivalue_line("markers", "learning: a learning check of minutes; CI runs them once, on the newest "
+                                       "versions (-m 'not learning' leaves them out)")
 
 
 def pytest_collection_modifyitems(items):

@@ -274,6 +274,7 @@ def test_bad_input_exits_nonzero_with_one_line(run, tmp_path, args, message):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.learning
 def test_gymnasium_backend_learns_inverted_pendulum(run, tmp_path):
     out = run(SCRIPT, "--backend", "gymnasium", "--env-id", "InvertedPendulum-v4", "--num-envs", 8, "--seed", 1,
               "--total-timesteps", 48_000, "--learning-starts", 100, "--batch-size", 256, "--alpha", 0.05,

@@ -2,6 +2,7 @@
 import glob
 import re
 
+import pytest
 import torch
 
 import ebflow_continuous_action as meow
@@ -34,6 +35,7 @@ def test_two_equally_good_actions_get_mass_on_both():
     assert near_pos + near_neg > 0.4
 
 
+@pytest.mark.learning
 def test_inverted_pendulum_reaches_900_within_10k_steps(run, tmp_path):
     out = run("ebflow_continuous_action.py", "--env-id", "InvertedPendulum-v4", "--seed", 1, "--total-timesteps", 10_000,
               "--learning-starts", 1000, "--alpha", 0.05, "--tau", 0.02, "--eval-frequency", 1000, "--eval-episodes", 5,
