@@ -95,7 +95,8 @@ def test_every_numeric_flag_has_bad_values_here_and_one_rule_in_the_script(mod):
 @pytest.mark.parametrize("mod,name,value", FLAG_CASES,
                          ids=[f"{SCRIPTS[m][:-3]}-{dashed(n)}={v}" for m, n, v in FLAG_CASES])
 def test_bad_value_of_a_numeric_flag_is_refused_in_one_line(mod, name, value):
-    args = tyro.cli(mod.Args, args=[dashed(name), str(value)])  # parsed as the command line parses it
+    # parsed as the command line parses it; "--flag=value", since argparse in older tyro takes "-inf" for a flag
+    args = tyro.cli(mod.Args, args=[f"{dashed(name)}={value}"])
     assert refusal(mod.check_args, args).startswith(f"error: {dashed(name)} must be")
 
 
@@ -104,7 +105,7 @@ def test_edge_values_of_numeric_flags_are_accepted(mod):
     for name, values in GOOD_EDGES.items():
         if name in numeric_flags(mod):
             for value in values:
-                mod.check_args(tyro.cli(mod.Args, args=[dashed(name), str(value)]))
+                mod.check_args(tyro.cli(mod.Args, args=[f"{dashed(name)}={value}"]))
 
 
 CROSS_FIELD = [
