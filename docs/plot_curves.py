@@ -34,12 +34,17 @@ if __name__ == "__main__":
         for row in csv.DictReader(f):
             curves[row["env_id"]][int(row["step"])][int(row["seed"])] = float(row["eval_return"])
     envs = sorted(curves)
-    fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
-    for ax, env in zip(axes[0], envs):
+    cols = min(3, len(envs))
+    rows = -(-len(envs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.3 * rows), squeeze=False)
+    for ax in axes.flat[len(envs):]:
+        ax.set_visible(False)
+    for ax, env in zip(axes.flat, envs):
         steps = sorted(curves[env])
         values = [list(curves[env][s].values()) for s in steps]
         mean = [sum(v) / len(v) for v in values]
-        ax.plot(steps, mean, label=f"ours, mean of {max(len(v) for v in values)} seeds")
+        n_seeds = max(len(v) for v in values)
+        ax.plot(steps, mean, label=f"ours, mean of {n_seeds} seed{'s' if n_seeds > 1 else ''}")
         ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.25, label="min-max")
         on_axis = [(step, value) for step, value in PAPER.get(env, []) if step <= 1.5 * steps[-1]]
         if on_axis:
@@ -47,11 +52,10 @@ if __name__ == "__main__":
         off_axis = []
         for step, value in PAPER.get(env, []):
             if step > 1.5 * steps[-1]:
-                off_axis.append(f"paper: ~{value:,} at {step / 1e6:g}M")
-        if off_axis:
-            ax.text(0.98, 0.03, "\n".join(off_axis), transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
+                off_axis.append(f"~{value:,} at {step / 1e6:g}M")
+        # the paper's later values, beyond our steps, under the title (not over the curve)
+        ax.set_title(env + ("\npaper: " + ", ".join(off_axis) if off_axis else ""), fontsize=10)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
-        ax.set_title(env)
         ax.set_xlabel("environment steps")
         ax.set_ylabel("deterministic evaluation return")
         ax.legend(loc="upper left", fontsize=8)
