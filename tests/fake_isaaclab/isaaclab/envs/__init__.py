@@ -53,27 +53,26 @@ class InteractiveSceneCfg:
 
 
 @dataclass
-class ManagerBasedRLEnvCfg:
+class _RLEnvCfg:
+    """The fields both real config classes have (the stand-in shares them; the package repeats them)."""
     sim: SimulationCfg = field(default_factory=SimulationCfg)
     scene: InteractiveSceneCfg = field(default_factory=InteractiveSceneCfg)
     seed: int = None
     decimation: int = 2
-    episode_length_s: float = 1.75
     is_finite_horizon: bool = False
     action_scale: float = 2.0  # the task's action term (Isaac-Ant-v0: JointEffortActionCfg(scale=7.5))
 
 
 @dataclass
-class DirectRLEnvCfg:
-    sim: SimulationCfg = field(default_factory=SimulationCfg)
-    scene: InteractiveSceneCfg = field(default_factory=InteractiveSceneCfg)
-    seed: int = None
-    decimation: int = 2
+class ManagerBasedRLEnvCfg(_RLEnvCfg):
+    episode_length_s: float = 1.75
+
+
+@dataclass
+class DirectRLEnvCfg(_RLEnvCfg):
     episode_length_s: float = 2.0
-    is_finite_horizon: bool = False
     action_space: int = 1
     observation_space: int = 2
-    action_scale: float = 2.0
 
 
 if LATER_VERSION:  # the opt-in flag of later Isaac Lab versions; 2.3.2's configs have no such field
