@@ -127,7 +127,9 @@ def slurm_unavailable():
 
 @pytest.mark.skipif(slurm_unavailable() is not None, reason=str(slurm_unavailable()))
 def test_slurm_array_requeued_after_preemption_or_time_out_resumes_to_the_full_step_count(tmp_path):
-    steps, ckpt_every = 10 * EVAL, 2 * EVAL  # 4 checkpoints of slack between the first one and the end
+    # the runs must outlive Slurm's KillWait (5 s, .ci/slurm-up) after the first checkpoint: a requeued run
+    # ignores SIGTERM until the SIGKILL, and one that finishes in that grace time has nothing to resume
+    steps, ckpt_every = 30 * EVAL, 2 * EVAL
     launcher = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "docs", "sweep.py"), "--slurm", "--wait", "--env-ids", "Hopper-v4",
          "--seeds", "1", "2", "--checkpoint-frequency", str(ckpt_every), "--time-min", "10", "--",
