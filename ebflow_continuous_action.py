@@ -45,6 +45,9 @@ class Args:
     """if toggled, save the final and the best-eval model under `runs/{run_name}`"""
     eval_checkpoint: Optional[str] = None
     """if set, load this saved model, run `eval_episodes` deterministic episodes, print the return and exit"""
+    eval_stochastic: bool = False
+    """if toggled, also evaluate with sampled actions (u ~ N(0, I)) on the same episodes, logged as
+    `eval/return_stochastic`; the authors' released run configurations evaluate this way"""
     checkpoint_frequency: int = 0
     """write the full training state to `runs/{run_name}/checkpoint.pt` every N steps (0 = never)"""
     resume: Optional[str] = None
@@ -396,7 +399,7 @@ ARCH_KEYS = ["sigma_min", "sigma_max", "flow_hidden", "shift_hidden"]
 # arguments a resumed run may change; every other one must equal the checkpoint's
 RESUME_MAY_CHANGE = {"total_timesteps", "resume", "checkpoint_frequency", "track", "wandb_project_name",
                      "wandb_entity", "capture_video", "save_model", "cuda", "compile", "log_frequency",
-                     "eval_checkpoint", "exp_name", "run_name", "max_nonfinite_updates"}
+                     "eval_checkpoint", "exp_name", "run_name", "max_nonfinite_updates", "eval_stochastic"}
 
 
 def save_atomic(obj, path):
@@ -465,17 +468,24 @@ def flow_from_checkpoint(ckpt, device):
     return flow
 
 
-def evaluate(flow, env, episodes, seed, device):
-    """Deterministic returns (u = 0), eval mode, `episodes` episodes seeded seed, seed+1, ..."""
+def evaluate(flow, env, episodes, seed, device, stochastic=False):
+    """Returns of `episodes` episodes seeded seed, seed+1, ..., in eval mode (no dropout), with the
+    deterministic action (u = 0, paper Sec. 3.3) or, stochastic=True, with sampled actions. Their noise
+    u ~ N(0, I) comes from a generator seeded with `seed`: training's random stream is left untouched."""
     was_training = flow.training
     flow.eval()
+    noise = torch.Generator(device).manual_seed(seed) if stochastic else None
     returns = []
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
         done, episodic_return = False, 0.0
         while not done:
             with torch.inference_mode():
-                action = flow.deterministic_action(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
+                o = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+                if stochastic:
+                    action = flow.u_to_action(o, torch.randn(1, flow.act_dim, generator=noise, device=device))
+                else:
+                    action = flow.deterministic_action(o)
             obs, reward, terminated, truncated, _ = env.step(action[0].cpu().numpy())
             episodic_return += float(reward)
             done = terminated or truncated
@@ -534,10 +544,11 @@ if __name__ == "__main__":
         env_id = ckpt["env_id"]
         eval_env = make_video_env(env_id, "videos/eval_checkpoint") if args.capture_video else make_env(env_id)
         flow = flow_from_checkpoint(ckpt, device)
-        returns = evaluate(flow, eval_env, args.eval_episodes, args.seed, device)
+        for stochastic in [False, True] if args.eval_stochastic else [False]:
+            returns = evaluate(flow, eval_env, args.eval_episodes, args.seed, device, stochastic)
+            print(f"{env_id}: {'stochastic' if stochastic else 'deterministic'} return {np.mean(returns):.1f} "
+                  f"+- {np.std(returns):.1f} over {len(returns)} episodes (checkpoint step {ckpt['global_step']})")
         eval_env.close()
-        print(f"{env_id}: deterministic return {np.mean(returns):.1f} +- {np.std(returns):.1f} "
-              f"over {len(returns)} episodes (checkpoint step {ckpt['global_step']})")
         sys.exit(0)
 
     # ---- Resume: take the run's name and training state from its checkpoint -----------------
@@ -705,9 +716,12 @@ if __name__ == "__main__":
                   f"left {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m | episodic_return {last_return:.1f} | "
                   f"eval {last_eval:.1f}", flush=True)
         if (global_step + 1) % args.eval_frequency == 0 or global_step + 1 == args.total_timesteps:
-            returns = evaluate(flow, eval_env, args.eval_episodes, args.seed + 1_000_000 + global_step, device)
-            last_eval = float(np.mean(returns))
+            eval_seed = args.seed + 1_000_000 + global_step
+            last_eval = float(np.mean(evaluate(flow, eval_env, args.eval_episodes, eval_seed, device)))
             writer.add_scalar("eval/return", last_eval, global_step)
+            if args.eval_stochastic:  # the same initial states, sampled actions
+                returns = evaluate(flow, eval_env, args.eval_episodes, eval_seed, device, stochastic=True)
+                writer.add_scalar("eval/return_stochastic", float(np.mean(returns)), global_step)
             if args.save_model and last_eval > best_eval:
                 save_atomic(model_checkpoint(flow, args, obs_dim, act_dim, global_step + 1),
                             f"{run_dir}/{args.exp_name}_best.cleanrl_model")

@@ -1,7 +1,8 @@
 """Plot docs/mujoco_eval.csv against the paper's values: python docs/plot_curves.py [CSV] (needs matplotlib).
 
 Writes docs/mujoco_eval.png (mean and min-max over seeds per task, with the paper's Fig. 3 values
-as reference points) and prints the table that the README shows. Given another CSV (same columns),
+as reference points; dashed: the mean with sampled actions, where runs logged it with
+--eval-stochastic) and prints the table that the README shows. Given another CSV (same columns),
 writes the figure next to it, with the same name ending in .png.
 """
 import csv
@@ -30,9 +31,12 @@ if __name__ == "__main__":
     csv_path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "mujoco_eval.csv")
     png_path = os.path.splitext(csv_path)[0] + ".png"
     curves = defaultdict(lambda: defaultdict(dict))  # env -> step -> seed -> return
+    sampled = defaultdict(lambda: defaultdict(dict))  # the same, evaluated with sampled actions
     with open(csv_path) as f:
         for row in csv.DictReader(f):
             curves[row["env_id"]][int(row["step"])][int(row["seed"])] = float(row["eval_return"])
+            if row.get("eval_return_stochastic"):
+                sampled[row["env_id"]][int(row["step"])][int(row["seed"])] = float(row["eval_return_stochastic"])
     envs = sorted(curves)
     cols = min(3, len(envs))
     rows = -(-len(envs) // cols)
@@ -46,6 +50,10 @@ if __name__ == "__main__":
         n_seeds = max(len(v) for v in values)
         ax.plot(steps, mean, label=f"ours, mean of {n_seeds} seed{'s' if n_seeds > 1 else ''}")
         ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.25, label="min-max")
+        if sampled[env]:
+            s_steps = sorted(sampled[env])
+            s_mean = [sum(sampled[env][s].values()) / len(sampled[env][s]) for s in s_steps]
+            ax.plot(s_steps, s_mean, "--", linewidth=1, label="ours, sampled actions (--eval-stochastic)")
         on_axis = [(step, value) for step, value in PAPER.get(env, []) if step <= 1.5 * steps[-1]]
         if on_axis:
             ax.plot(*zip(*on_axis), "k*", markersize=10, label="paper Fig. 3 (mean of 5 seeds)")
@@ -60,9 +68,11 @@ if __name__ == "__main__":
         ax.set_ylabel("deterministic evaluation return")
         ax.legend(loc="upper left", fontsize=8)
         ax.grid(alpha=0.3)
-        print(f"\n{env}: step | seeds | mean | min | max")
+        print(f"\n{env}: step | seeds | mean | min | max | mean with sampled actions (seeds)")
         for s, v, m in zip(steps, values, mean):
-            print(f"{s} | {len(v)} | {m:.0f} | {min(v):.0f} | {max(v):.0f}")
+            u = list(sampled[env].get(s, {}).values())
+            print(f"{s} | {len(v)} | {m:.0f} | {min(v):.0f} | {max(v):.0f}"
+                  + (f" | {sum(u) / len(u):.0f} ({len(u)})" if u else ""))
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     print(f"\nwrote {png_path}")

@@ -37,22 +37,32 @@ def test_short_hopper_run_logs_tags_saves_and_reloads(run, tmp_path):
     assert ev.returncode == 0, ev.stderr
     printed = float(re.search(r"deterministic return (-?[\d.]+)", ev.stdout).group(1))
     # independently: rebuild the policy from the state_dict and roll it out by hand
-    ckpt = torch.load(model, weights_only=True)
+    assert printed == pytest.approx(np.mean(rollouts(hopper_flow(model), seeds=[7, 8])), abs=0.06)
+
+
+def hopper_flow(path):
+    """A Hopper-v4 policy rebuilt by hand from a saved model's state_dict, in eval mode."""
     flow = meow.EBFlowPolicy(11, 3, 0.25, -5.0, -0.3)
-    flow.load_state_dict(ckpt["model"])
-    flow.eval()
+    flow.load_state_dict(torch.load(path, weights_only=True)["model"])
+    return flow.eval()
+
+
+def rollouts(flow, seeds, noise=None):
+    """Hopper-v4 returns of one episode per reset seed: deterministic actions (u = 0), or with `noise`
+    (a torch.Generator) u ~ N(0, I) drawn from it, one draw per step."""
     env = gym.wrappers.RescaleAction(gym.make("Hopper-v4"), -np.ones(3, np.float32), np.ones(3, np.float32))
     returns = []
-    for ep in range(2):
-        obs, _ = env.reset(seed=7 + ep)
+    for seed in seeds:
+        obs, _ = env.reset(seed=seed)
         total, done = 0.0, False
         while not done:
+            u = torch.zeros(1, 3) if noise is None else torch.randn(1, 3, generator=noise)
             with torch.no_grad():
-                a = flow.u_to_action(torch.tensor(obs, dtype=torch.float32)[None], torch.zeros(1, 3))[0].numpy()
+                a = flow.u_to_action(torch.tensor(obs, dtype=torch.float32)[None], u)[0].numpy()
             obs, r, term, trunc, _ = env.step(a)
             total, done = total + r, term or trunc
         returns.append(total)
-    assert printed == pytest.approx(np.mean(returns), abs=0.06)
+    return returns
 
 
 BAD_INPUTS = [
@@ -85,19 +95,33 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(run, tmp_path):
     assert tags["losses/nonfinite_updates"][-1] == (70, 20)
 
 
-def test_same_seed_gives_the_same_numbers(run, tmp_path):
-    args = ["--env-id", "Hopper-v4", "--total-timesteps", 700, "--learning-starts", 400, "--eval-frequency", 10_000,
-            "--batch-size", 32, "--save-model", "--no-cuda", "--torch-deterministic"]
-    models = []
-    for name in ["a", "b"]:
-        out = run(SCRIPT, *args, "--exp-name", name)
+def test_same_seed_gives_the_same_numbers_and_stochastic_evaluation_leaves_training_alone(run, tmp_path):
+    args = ["--env-id", "Hopper-v4", "--total-timesteps", 700, "--learning-starts", 400, "--eval-frequency", 350,
+            "--eval-episodes", 2, "--batch-size", 32, "--save-model", "--no-cuda", "--torch-deterministic"]
+    paths, tags = [], []
+    for name, extra in [("a", []), ("b", ["--eval-stochastic"])]:
+        out = run(SCRIPT, *args, *extra, "--exp-name", name)
         assert out.returncode == 0, out.stderr
         (path,) = glob.glob(str(tmp_path / "runs" / f"*__{name}__*" / f"{name}.cleanrl_model"))
-        models.append(torch.load(path, weights_only=True)["model"])
+        paths.append(path)
+        tags.append(read_tensorboard(os.path.dirname(path))[0])
+    # b also evaluated with sampled actions (at step 349, mid-training, and at the end): its training is
+    # a's to the bit, so those evaluations drew nothing from training's random stream
+    models = [torch.load(path, weights_only=True)["model"] for path in paths]
     for k in models[0]:
         assert torch.equal(models[0][k], models[1][k]), k
     init = meow.EBFlowPolicy(11, 3, 0.25, -5.0, -0.3).state_dict()
     assert not torch.equal(models[0]["shift_nets.0.4.weight"], init["shift_nets.0.4.weight"])  # it did train
+    assert tags[0]["eval/return"] == tags[1]["eval/return"] and "eval/return_stochastic" not in tags[0]
+    assert [s for s, _ in tags[1]["eval/return_stochastic"]] == [349, 699]
+    # the last stochastic evaluation, recomputed by hand: the deterministic evaluation's initial states,
+    # noise from a generator seeded with the same evaluation seed (seed 1 + 1,000,000 + step 699)
+    flow, eval_seed = hopper_flow(paths[1]), 1 + 1_000_000 + 699
+    stochastic = np.mean(rollouts(flow, [eval_seed, eval_seed + 1], torch.Generator().manual_seed(eval_seed)))
+    assert tags[1]["eval/return_stochastic"][-1][1] == pytest.approx(stochastic, abs=0.06)
+    deterministic = np.mean(rollouts(flow, [eval_seed, eval_seed + 1]))
+    assert tags[1]["eval/return"][-1][1] == pytest.approx(deterministic, abs=0.06)
+    assert abs(stochastic - deterministic) > 0.5  # the two modes are told apart at this tolerance
 
 
 def test_capture_video_records_evaluation_episodes(run, tmp_path, mujoco_gl):

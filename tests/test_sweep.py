@@ -25,7 +25,7 @@ ENV = {"OMP_NUM_THREADS": "1", "MUJOCO_GL": "glfw"}
 # a few hundred steps, an evaluation every EVAL steps
 EVAL = 100
 TINY = ["--learning-starts", 50, "--eval-frequency", EVAL, "--eval-episodes", 1, "--batch-size", 32,
-        "--buffer-size", 2000, "--no-cuda"]
+        "--buffer-size", 2000, "--no-cuda", "--eval-stochastic"]
 
 
 def readme_settings():
@@ -103,9 +103,12 @@ def test_local_sweep_runs_checks_exit_status_exports_and_skips_finished_runs(tmp
     got = sorted((r["env_id"], int(r["seed"]), int(r["step"])) for r in rows)
     assert got == sorted([("Hopper-v4", s, k) for s in (1, 2) for k in range(EVAL, steps + 1, EVAL)]
                          + [("Walker2d-v4", 1, 10000)])
-    tb = dict(read_tensorboard(str(tmp_path / "runs" / "Hopper-v4__sweep__2"))[0]["eval/return"])
-    expected = [round(tb[k - 1], 1) for k in range(EVAL, steps + 1, EVAL)]  # TensorBoard step = steps taken - 1
-    assert [float(r["eval_return"]) for r in rows if r["seed"] == "2"] == expected
+    tb = read_tensorboard(str(tmp_path / "runs" / "Hopper-v4__sweep__2"))[0]
+    for column, tag in [("eval_return", "eval/return"), ("eval_return_stochastic", "eval/return_stochastic")]:
+        logged = dict(tb[tag])
+        expected = [round(logged[k - 1], 1) for k in range(EVAL, steps + 1, EVAL)]  # logged at steps taken - 1
+        assert [float(r[column]) for r in rows if r["seed"] == "2"] == expected
+    assert [r["eval_return_stochastic"] for r in rows if r["env_id"] == "Walker2d-v4"] == [""]  # kept, had none
 
     # the same sweep again: finished runs are recognised from their checkpoints and not run again
     ckpt = tmp_path / "runs" / "Hopper-v4__sweep__1" / "checkpoint.pt"
