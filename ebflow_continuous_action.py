@@ -383,12 +383,17 @@ class ReplayBuffer:
         return state
 
     def load_state_dict(self, state):
-        n = state["size"]
+        n, pos = state["size"], state["pos"]
         if n > self.capacity:
             raise ValueError(f"checkpoint buffer holds {n} transitions, more than --buffer-size {self.capacity}")
+        if not (0 <= pos < self.capacity and 0 <= n and (pos == n or n == self.capacity)):
+            raise ValueError(f"checkpoint buffer position {pos} and size {n} are no state of a ring of {self.capacity}")
         for key in ["obs", "next_obs", "actions", "rewards", "terminated"]:
+            if state[key].shape != getattr(self, key)[:n].shape:  # exactly: a narrower tensor would broadcast
+                raise ValueError(f"checkpoint buffer {key} has shape {tuple(state[key].shape)}, "
+                                 f"this run's is {tuple(getattr(self, key)[:n].shape)}")
             getattr(self, key)[:n] = state[key].to(self.device)
-        self.pos, self.size = state["pos"], n
+        self.pos, self.size = pos, n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,6 +415,30 @@ def save_atomic(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# a training checkpoint's train_state: each entry and its type (float: any real number; the large
+# entries are dicts here, and their contents are checked when --resume loads them)
+TRAIN_STATE_TYPES = {"args": dict, "run_name": str, "global_step": int, "best_eval": float, "last_eval": float,
+                     "nonfinite_updates": float, "target_model": dict, "optimizer": dict, "buffer": dict,
+                     "rng": dict}
+
+
+def train_state_problem(ts):
+    """What is wrong with a checkpoint's train_state, or None. A forged or damaged one must fail in one
+    line before anything is written, and its run name must not lead out of runs/."""
+    if not isinstance(ts, dict):
+        return f"train_state is a {type(ts).__name__}, not a dict"
+    for key, kind in TRAIN_STATE_TYPES.items():
+        value = ts.get(key)
+        ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+        if not ok:
+            return f"train_state[{key!r}] is {'missing' if key not in ts else type(value).__name__ + ', not ' + kind.__name__}"
+    if ts["global_step"] < 0:
+        return f"train_state['global_step'] is {ts['global_step']}"
+    if os.path.basename(ts["run_name"]) != ts["run_name"] or ts["run_name"] in ("", ".", ".."):
+        return f"train_state['run_name'] {ts['run_name'][:80]!r} is not a plain directory name"
+    return None
 
 
 def load_checkpoint(path, training=False):
@@ -453,6 +482,8 @@ def load_checkpoint(path, training=False):
         flow_from_checkpoint(ckpt, torch.device("cpu"))
     except Exception as e:
         fail(f"{path} does not hold a usable model ({type(e).__name__}: {' '.join(str(e).split())[:220]})")
+    if training and train_state_problem(ckpt["train_state"]):
+        fail(f"{path} holds a damaged training state: {train_state_problem(ckpt['train_state'])}")
     return ckpt
 
 
@@ -614,11 +645,11 @@ if __name__ == "__main__":
             target_flow.load_state_dict(ts["target_model"])
             optimizer.load_state_dict(ts["optimizer"])
             rb.load_state_dict(ts["buffer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            fail(f"checkpoint does not fit this run: {str(e).splitlines()[0][:200]}")
-        start_step, best_eval, last_eval = ts["global_step"], ts["best_eval"], ts["last_eval"]
-        nonfinite_updates.fill_(ts["nonfinite_updates"])
-        set_rng_state(ts["rng"], env)
+            start_step, best_eval, last_eval = ts["global_step"], ts["best_eval"], ts["last_eval"]
+            nonfinite_updates.fill_(ts["nonfinite_updates"])
+            set_rng_state(ts["rng"], env)
+        except Exception as e:  # a damaged or forged entry: whatever torch or numpy raises, one line
+            fail(f"checkpoint does not fit this run ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
         print(f"resumed {run_name} at step {start_step} (buffer {rb.size} transitions); "
               "the environment starts a fresh episode")
 

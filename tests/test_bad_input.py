@@ -3,6 +3,7 @@ every numeric flag, and every kind of file handed to --eval-checkpoint or --resu
 check_args / load_checkpoint in-process; a few real runs show that nothing lands in runs/ or videos/.
 Last, --max-nonfinite-updates N stops a run at the update that makes the N-th skipped one."""
 import contextlib
+import glob
 import io
 import os
 import pickle
@@ -179,15 +180,24 @@ class CreatesAFile:
         return (open, (self.path, "w"))
 
 
-def checkpoint(mod, training=False):
+def checkpoint(mod, training=False, **train_state):
     """A saved model of mod's script, built by its own model_checkpoint; with training=True a training
-    checkpoint (the part load_checkpoint reads: train_state present; its contents are read later)."""
+    checkpoint (what load_checkpoint reads: train_state's entries with their types; the large ones are
+    empty here, their contents are read by --resume: test_resume_from_a_damaged_real_checkpoint...).
+    train_state: entries to replace (None: remove)."""
     args = mod.Args(flow_hidden=8, shift_hidden=8)
     flow = mod.EBFlowPolicy(3, 2, args.alpha, args.sigma_min, args.sigma_max, 8, 8)
     normalizer = [isaac.RunningMeanStd(3, args.obs_clip)] if mod is isaac else []
     ckpt = mod.model_checkpoint(flow, *normalizer, args, 3, 2, 100)
     if training:
-        ckpt["train_state"] = {"args": asdict(args), "global_step": 100}
+        ckpt["train_state"] = {"args": asdict(args), "run_name": "run", "global_step": 100, "best_eval": -INF,
+                               "last_eval": NAN, "nonfinite_updates": 0.0, "target_model": {}, "optimizer": {},
+                               "buffer": {}, "rng": {}}
+        for key, value in train_state.items():
+            if value is None:
+                del ckpt["train_state"][key]
+            else:
+                ckpt["train_state"][key] = value
     return ckpt
 
 
@@ -236,6 +246,22 @@ FILES = {
         "does not hold a usable model"),
     "this format, entries missing": (lambda mod: torch_bytes({"format": mod.CHECKPOINT_FORMAT, "train_state": {}}),
                                      "does not hold a usable model (KeyError", "does not hold a usable model"),
+    # a usable model with a damaged training state: --eval-checkpoint reads only the model
+    **{f"train_state {what}": (lambda mod, change=change: torch_bytes(change(mod)), None,
+                               f"holds a damaged training state: {message}")
+       for what, change, message in [
+           ("a list", lambda mod: {**checkpoint(mod, True), "train_state": [1, 2]}, "train_state is a list"),
+           ("without global_step", lambda mod: checkpoint(mod, True, global_step=None),
+            "train_state['global_step'] is missing"),
+           ("with a text step", lambda mod: checkpoint(mod, True, global_step="100"),
+            "train_state['global_step'] is str, not int"),
+           ("with a negative step", lambda mod: checkpoint(mod, True, global_step=-5),
+            "train_state['global_step'] is -5"),
+           ("with a bool best_eval", lambda mod: checkpoint(mod, True, best_eval=True),
+            "train_state['best_eval'] is bool, not float"),
+           ("with a list for the RNG", lambda mod: checkpoint(mod, True, rng=[1]), "train_state['rng'] is list"),
+           ("with a run name leading out of runs/", lambda mod: checkpoint(mod, True, run_name="../../etc"),
+            "train_state['run_name'] '../../etc' is not a plain directory name")]},
 }
 FILE_CASES = [(mod, name, flag) for mod in SCRIPTS for name in FILES for flag in ["--eval-checkpoint", "--resume"]]
 
@@ -322,7 +348,6 @@ def test_bad_input_run_exits_nonzero_with_one_line_and_writes_nothing(run, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["evil.pt", "passwd"]  # no runs/, no videos/, no pwned.txt
 
 
-# ---- --max-nonfinite-updates N: the run stops at the update that makes the N-th skipped one ---------
 TINY = ["--env-id", "tests.scripted_env:RandomStart-v0", "--learning-starts", 10, "--batch-size", 8,
         "--buffer-size", 100, "--flow-hidden", 8, "--shift-hidden", 8, "--eval-episodes", 1, "--no-cuda"]
 STOP_RUNS = {  # script -> (its arguments, the global step of update k)
@@ -337,6 +362,55 @@ def run_in_process(script, argv, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
     runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+
+
+def drop_a_feature(train_state):
+    buffer = train_state["buffer"]
+    buffer["obs"] = buffer["obs"][..., :1]  # would broadcast into the stored width if shapes were not checked
+
+
+# name -> how it damages a real checkpoint's train_state, and the words of the refusal
+DAMAGES = {
+    "buffer observations one feature wide": (drop_a_feature, "ValueError: checkpoint buffer obs has shape"),
+    "buffer position past its size": (lambda ts: ts["buffer"].update(pos=ts["buffer"]["size"] + 3),
+                                      "are no state of a ring"),
+    "buffer without rewards": (lambda ts: ts["buffer"].pop("rewards"), "KeyError: 'rewards'"),
+    "optimizer state of fewer parameters": (lambda ts: ts["optimizer"]["param_groups"][0]["params"].pop(),
+                                            "ValueError: loaded state dict contains a parameter group"),
+    "target network without a layer": (lambda ts: ts["target_model"].popitem(), "RuntimeError: Error(s) in loading"),
+    "torch RNG state of 3 bytes": (lambda ts: ts["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
+                                   "RuntimeError"),
+}
+
+
+@pytest.mark.parametrize("script", STOP_RUNS)
+def test_resume_from_a_damaged_real_checkpoint_is_refused_in_one_line_and_writes_nothing(script, monkeypatch,
+                                                                                       tmp_path, capsys):
+    args = STOP_RUNS[script][0] + ["--checkpoint-frequency", 100]
+    run_in_process(script, args, monkeypatch, tmp_path)
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    good = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    capsys.readouterr()
+    for name, (damage, message) in DAMAGES.items():
+        ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+        damage(ckpt["train_state"])
+        torch.save(ckpt, tmp_path / "damaged.pt")
+        before = {f: os.path.getmtime(f) for f in glob.glob(str(tmp_path / "**"), recursive=True)}
+        with pytest.raises(SystemExit) as exit:
+            run_in_process(script, args + ["--total-timesteps", 2 * good["train_state"]["global_step"],
+                                           "--resume", tmp_path / "damaged.pt"], monkeypatch, tmp_path)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit.value.code == 2 and len(err) == 1, (name, err)
+        assert err[0].startswith("error: checkpoint does not fit this run (") and message in err[0], (name, err)
+        assert {f: os.path.getmtime(f) for f in glob.glob(str(tmp_path / "**"), recursive=True)} == before, name
+    # the undamaged checkpoint resumes (so each refusal above is the damage's doing)
+    run_in_process(script, args + ["--total-timesteps", 2 * good["train_state"]["global_step"], "--resume", run_dir],
+                   monkeypatch, tmp_path)
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["train_state"]["global_step"] \
+        == 2 * good["train_state"]["global_step"]
+
+
+# ---- --max-nonfinite-updates N: the run stops at the update that makes the N-th skipped one ---------
 
 
 @pytest.mark.parametrize("script", STOP_RUNS)
