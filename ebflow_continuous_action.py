@@ -482,8 +482,9 @@ def load_checkpoint(path, training=False):
         flow_from_checkpoint(ckpt, torch.device("cpu"))
     except Exception as e:
         fail(f"{path} does not hold a usable model ({type(e).__name__}: {' '.join(str(e).split())[:220]})")
-    if training and train_state_problem(ckpt["train_state"]):
-        fail(f"{path} holds a damaged training state: {train_state_problem(ckpt['train_state'])}")
+    problem = train_state_problem(ckpt["train_state"]) if training else None
+    if problem:
+        fail(f"{path} holds a damaged training state: {problem}")
     return ckpt
 
 

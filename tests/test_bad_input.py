@@ -389,7 +389,7 @@ def test_resume_from_a_damaged_real_checkpoint_is_refused_in_one_line_and_writes
     args = STOP_RUNS[script][0] + ["--checkpoint-frequency", 100]
     run_in_process(script, args, monkeypatch, tmp_path)
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
-    good = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    total = 2 * torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["train_state"]["global_step"]
     capsys.readouterr()
     for name, (damage, message) in DAMAGES.items():
         ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
@@ -397,17 +397,15 @@ def test_resume_from_a_damaged_real_checkpoint_is_refused_in_one_line_and_writes
         torch.save(ckpt, tmp_path / "damaged.pt")
         before = {f: os.path.getmtime(f) for f in glob.glob(str(tmp_path / "**"), recursive=True)}
         with pytest.raises(SystemExit) as exit:
-            run_in_process(script, args + ["--total-timesteps", 2 * good["train_state"]["global_step"],
-                                           "--resume", tmp_path / "damaged.pt"], monkeypatch, tmp_path)
+            run_in_process(script, args + ["--total-timesteps", total, "--resume", tmp_path / "damaged.pt"],
+                           monkeypatch, tmp_path)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit.value.code == 2 and len(err) == 1, (name, err)
         assert err[0].startswith("error: checkpoint does not fit this run (") and message in err[0], (name, err)
         assert {f: os.path.getmtime(f) for f in glob.glob(str(tmp_path / "**"), recursive=True)} == before, name
     # the undamaged checkpoint resumes (so each refusal above is the damage's doing)
-    run_in_process(script, args + ["--total-timesteps", 2 * good["train_state"]["global_step"], "--resume", run_dir],
-                   monkeypatch, tmp_path)
-    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["train_state"]["global_step"] \
-        == 2 * good["train_state"]["global_step"]
+    run_in_process(script, args + ["--total-timesteps", total, "--resume", run_dir], monkeypatch, tmp_path)
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["train_state"]["global_step"] == total
 
 
 # ---- --max-nonfinite-updates N: the run stops at the update that makes the N-th skipped one ---------
