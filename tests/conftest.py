@@ -5,6 +5,13 @@ import subprocess
 import sys
 import time
 
+# One thread for torch (and numpy's BLAS) in this process, in each pytest-xdist worker and in every script
+# a test starts: set before either is imported. The tests' networks are small: on an idle machine a
+# second thread changes nothing, and where other work shares the cores (a CI runner, the other worker, a
+# training run) OpenMP's threads waiting on each other made updates 2.5 to 3.8 times slower
+# (docs/speed.md, "The test suite").
+os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
