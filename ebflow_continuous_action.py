@@ -6,6 +6,7 @@
 # Read top to bottom: Args -> environment -> EBFlow policy -> replay buffer -> training loop.
 import math
 import os
+import platform
 import random
 import re
 import sys
@@ -99,6 +100,17 @@ def fail(message: str):
     # one line whatever the message quotes (a file name, a parser's error): control characters are escaped
     print("error: " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in message), file=sys.stderr)
     sys.exit(2)
+
+
+def library_versions():
+    """The software a run uses, as one line. The simulator's version matters: MuJoCo 3.5 and later move
+    Ant-v4 and Humanoid-v4 off the trajectories MuJoCo 2.3 (the paper's) gives the same actions within a
+    few steps (docs/meow.md, "Experiment results"). MuJoCo is listed where the task loaded it."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+                "numpy": np.__version__}
+    if "mujoco" in sys.modules:
+        versions["mujoco"] = sys.modules["mujoco"].__version__
+    return ", ".join(f"{name} {version}" for name, version in versions.items())
 
 
 # Every int and float flag of Args, under the one rule its values must satisfy. check_args walks the
@@ -671,6 +683,10 @@ if __name__ == "__main__":
     if resume_ckpt is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n"
                         + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    # at every start, resumes too: a run continued elsewhere may run on other versions
+    versions = library_versions()
+    print(f"versions: {versions}", flush=True)
+    writer.add_text("versions", versions, start_step)
 
     def write_checkpoint(step):
         ckpt = model_checkpoint(flow, args, obs_dim, act_dim, step)

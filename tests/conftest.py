@@ -97,8 +97,11 @@ def kill_after_first_checkpoint(cmd, cwd, env, timeout=300):
 
 
 def read_tensorboard(run_dir):
-    """A run's TensorBoard logs: {scalar tag: [(step, value), ...]} and the set of tensor (text) tags."""
+    """A run's TensorBoard logs: {scalar tag: [(step, value), ...]} and {text tag: [(step, text), ...]}."""
     ea = EventAccumulator(run_dir)
     ea.Reload()
     tags = ea.Tags()
-    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in tags["scalars"]}, set(tags["tensors"])
+    scalars = {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in tags["scalars"]}
+    texts = {tag: [(e.step, b"".join(e.tensor_proto.string_val).decode()) for e in ea.Tensors(tag)]
+             for tag in tags["tensors"]}
+    return scalars, texts

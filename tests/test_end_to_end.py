@@ -2,6 +2,7 @@
 import glob
 import os
 import re
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -27,6 +28,12 @@ def test_short_hopper_run_logs_tags_saves_and_reloads(run, tmp_path):
         assert tags.get(tag), f"missing {tag}"
     assert [s for s, _ in tags["eval/return"]] == [599, 1199]
     assert "hyperparameters/text_summary" in text_tags
+    # the versions the run used, as this (the same) interpreter sees them, printed and logged at step 0
+    import mujoco
+    versions = (f"python {sys.version.split()[0]}, torch {torch.__version__}, gymnasium {gym.__version__}, "
+                f"numpy {np.__version__}, mujoco {mujoco.__version__}")
+    assert f"versions: {versions}\n" in out.stdout
+    assert text_tags["versions/text_summary"] == [(0, versions)]
     assert re.search(r"step 1200/1200 \| SPS \d+ \| left 0h00m", out.stdout)
     model = os.path.join(run_dir, "ebflow_continuous_action.cleanrl_model")
     assert os.path.exists(model) and os.path.exists(model.replace(".cleanrl_model", "_best.cleanrl_model"))

@@ -323,6 +323,11 @@ def test_killed_run_resumes_with_its_state_and_finishes(tmp_path):
     qf = scalars(run_dir)["losses/qf_loss"]
     steps = [s for s, _ in qf]
     assert steps == sorted(set(steps)) and steps[-1] == 2400
+    # each start logs the versions it ran on, the resumed one at its first transition
+    logged = read_tensorboard(run_dir)[1]["versions/text_summary"]
+    assert [s for s, _ in logged] == [0, step] and logged[0][1] == logged[1][1]
+    assert logged[1][1].startswith(f"python {sys.version.split()[0]}, torch {torch.__version__}, ")
+    assert f"versions: {logged[1][1]}\n" in out.stdout
 
 
 def test_isaac_flow_and_loss_match_the_single_env_script():

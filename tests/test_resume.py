@@ -82,6 +82,8 @@ def test_killed_run_resumes_and_matches_the_uninterrupted_run(tmp_path):
     ref_losses = read_tensorboard(ref_run)[0]["losses/qf_loss"]
     assert [s for s, _ in losses] == [s for s, _ in ref_losses]
     assert losses == ref_losses
+    # each start logs the versions it ran on: the killed run at step 0, the resumed one at its first step
+    assert [s for s, _ in read_tensorboard(run_dir)[1]["versions/text_summary"]] == [0, saved_step]
 
 
 def test_rng_state_round_trip_restarts_the_same_episode():
