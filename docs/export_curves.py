@@ -1,14 +1,18 @@
 """Export deterministic evaluation curves from TensorBoard runs to docs/mujoco_eval.csv.
 
-    python docs/export_curves.py RUNS_DIR [RUNS_DIR ...] [--exp-name NAME] [--merge] [--plot]
+    python docs/export_curves.py RUNS_DIR [RUNS_DIR ...] [--exp-name NAME] [--mujoco VERSION] [--merge] [--plot]
 
 Reads every run directory named {env_id}__{exp_name}__{seed}__{time} (started by hand) or
 {env_id}__{exp_name}__{seed} (docs/sweep.py) under the given folders, only those of --exp-name if
 given, and writes one row per evaluation: env_id, seed, step (environment steps), eval_return (mean
 of the deterministic episodes), eval_return_stochastic (the same episodes with sampled actions, for
-runs with --eval-stochastic; else empty). --merge keeps the CSV's rows of every (env_id, seed) not
-exported now, so runs made earlier stay; --plot then redraws the figure (docs/plot_curves.py). Needs only
-tensorboard (already a run-time dependency); --plot needs matplotlib.
+runs with --eval-stochastic; else empty), mujoco (the MuJoCo version the run had loaded when it
+made that evaluation, from the text 'versions' every start logs; a run resumed on another version
+gets the new one from its resume on; --mujoco VERSION for runs that logged no versions, else empty:
+MuJoCo 3.5 and later change Ant-v4 and Humanoid-v4, docs/meow.md). --merge keeps the CSV's rows of
+every (env_id, seed, mujoco) not exported now, so runs made earlier stay (a row without a version is
+replaced by an export of its task and seed); --plot then redraws the figure (docs/plot_curves.py).
+Needs only tensorboard (already a run-time dependency); --plot needs matplotlib.
 """
 import argparse
 import csv
@@ -20,13 +24,33 @@ import sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+COLUMNS = ["env_id", "seed", "step", "eval_return", "eval_return_stochastic", "mujoco"]
+
+
+def mujoco_versions(ea):
+    """[(step, MuJoCo version)] from the run's 'versions' texts ("python 3.11.7, ..., mujoco 3.3.7"), by step."""
+    if "versions/text_summary" not in ea.Tags()["tensors"]:
+        return []
+    found = []
+    for event in ea.Tensors("versions/text_summary"):
+        names = dict(item.rsplit(" ", 1) for item in b"".join(event.tensor_proto.string_val).decode().split(", "))
+        found.append((event.step, names.get("mujoco", "")))
+    return sorted(found)
+
+
+def version_at(versions, step, default):
+    """The version of the last start at or before this step; default for a run that logged none."""
+    before = [version for start, version in versions if start <= step]
+    return before[-1] if before else default
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="eval/return[_stochastic] of MEow runs -> CSV")
     parser.add_argument("runs_dirs", nargs="+", metavar="RUNS_DIR")
     parser.add_argument("--exp-name", help="only the runs of this experiment (e.g. sweep)")
     parser.add_argument("--merge", action="store_true",
-                        help="keep the CSV's rows of the tasks and seeds not exported now")
+                        help="keep the CSV's rows of the tasks, seeds and MuJoCo versions not exported now")
+    parser.add_argument("--mujoco", default="", metavar="VERSION",
+                        help="MuJoCo version of runs that did not log their versions (started before they did)")
     parser.add_argument("--csv", default=os.path.join(HERE, "mujoco_eval.csv"), help="default: docs/mujoco_eval.csv")
     parser.add_argument("--plot", action="store_true", help="then draw the figure (next to the CSV, .png)")
     args = parser.parse_args()
@@ -50,20 +74,31 @@ if __name__ == "__main__":
             source[env_id, seed] = run_dir
             stochastic = {e.step: round(e.value, 1) for e in ea.Scalars("eval/return_stochastic")} \
                 if "eval/return_stochastic" in ea.Tags()["scalars"] else {}
+            versions = mujoco_versions(ea)
             # logged at global_step = (steps taken) - 1; report steps taken
-            rows += [(env_id, seed, e.step + 1, round(e.value, 1), stochastic.get(e.step, ""))
-                     for e in ea.Scalars("eval/return")]
+            rows += [(env_id, seed, e.step + 1, round(e.value, 1), stochastic.get(e.step, ""),
+                      version_at(versions, e.step, args.mujoco)) for e in ea.Scalars("eval/return")]
+    exported = {}  # (env_id, seed) -> the MuJoCo versions of its rows exported now
+    for row in rows:
+        exported.setdefault(row[:2], set()).add(row[5])
+
+    def replaced(env_id, seed, version):
+        """An old row is replaced by this export if it is of a task and seed exported now, on one of the
+        versions exported now; or if either side has no recorded version (it may be the same run)."""
+        versions = exported.get((env_id, seed))
+        return versions is not None and (version in versions or version == "" or "" in versions)
+
     kept = []
     if args.merge and os.path.exists(args.csv):
         with open(args.csv) as f:
             kept = [(r["env_id"], int(r["seed"]), int(r["step"]), float(r["eval_return"]),
-                     r.get("eval_return_stochastic") or "")  # a CSV written before the column existed
-                    for r in csv.DictReader(f) if (r["env_id"], int(r["seed"])) not in source]
-    rows = sorted(rows + kept, key=lambda row: row[:3])
+                     r.get("eval_return_stochastic") or "", r.get("mujoco") or "")  # columns added later: empty
+                    for r in csv.DictReader(f) if not replaced(r["env_id"], int(r["seed"]), r.get("mujoco") or "")]
+    rows = sorted(rows + kept, key=lambda row: (row[0], row[5], row[1], row[2]))
     tmp = f"{args.csv}.tmp"  # write, then rename: an interrupted export leaves the old CSV
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["env_id", "seed", "step", "eval_return", "eval_return_stochastic"])
+        writer.writerow(COLUMNS)
         writer.writerows(rows)
     os.replace(tmp, args.csv)
     print(f"wrote {len(rows)} rows to {args.csv} ({len(rows) - len(kept)} from {len(source)} runs, {len(kept)} kept)")

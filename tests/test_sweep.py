@@ -109,6 +109,9 @@ def test_local_sweep_runs_checks_exit_status_exports_and_skips_finished_runs(tmp
         expected = [round(logged[k - 1], 1) for k in range(EVAL, steps + 1, EVAL)]  # logged at steps taken - 1
         assert [float(r[column]) for r in rows if r["seed"] == "2"] == expected
     assert [r["eval_return_stochastic"] for r in rows if r["env_id"] == "Walker2d-v4"] == [""]  # kept, had none
+    # the MuJoCo version each run logged at its start, as the test process imports it
+    mujoco = importlib.import_module("mujoco")
+    assert {r["mujoco"] for r in rows if r["env_id"] == "Hopper-v4"} == {mujoco.__version__}
 
     # the same sweep again: finished runs are recognised from their checkpoints and not run again
     ckpt = tmp_path / "runs" / "Hopper-v4__sweep__1" / "checkpoint.pt"
