@@ -45,7 +45,8 @@ class Args:
     save_model: bool = False
     """if toggled, save the final and the best-eval model under `runs/{run_name}`"""
     eval_checkpoint: Optional[str] = None
-    """if set, load this saved model, run `eval_episodes` deterministic episodes, print the return and exit"""
+    """if set, load this saved model or checkpoint (a file, or a run directory holding just one), run
+    `eval_episodes` deterministic episodes, print the return and exit"""
     eval_stochastic: bool = False
     """if toggled, also evaluate with sampled actions (u ~ N(0, I)) on the same episodes, logged as
     `eval/return_stochastic`; the authors' released run configurations evaluate this way"""
@@ -455,7 +456,8 @@ def train_state_problem(ts):
 
 def load_checkpoint(path, training=False):
     """Load a saved model, or (training=True) a training checkpoint: a file, or a run directory holding
-    checkpoint.pt. A training checkpoint holds the model too, so --eval-checkpoint takes either.
+    checkpoint.pt. A training checkpoint holds the model too, so --eval-checkpoint takes either, or a run
+    directory holding exactly one of them (checkpoint.pt, *.cleanrl_model).
     Any other file stops the run here in one line that names it, before anything is written.
 
     Checkpoints are data, never code: weights_only=True refuses any pickle that would run code. Other
@@ -464,8 +466,12 @@ def load_checkpoint(path, training=False):
     """
     if training and os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
-    if os.path.isdir(path):
-        fail(f"{path} is a directory, not a checkpoint file")
+    elif os.path.isdir(path):  # --eval-checkpoint of a run directory: its one model file, if it has just one
+        found = sorted(f for f in os.listdir(path) if f == "checkpoint.pt" or f.endswith(".cleanrl_model"))
+        if len(found) != 1:
+            holds = f"several checkpoints ({', '.join(found)})" if found else "no checkpoint"
+            fail(f"{path} is a directory holding {holds}: name the file to evaluate")
+        path = os.path.join(path, found[0])
     if not os.path.exists(path):
         fail(f"no such checkpoint: {path}")
     if os.path.getsize(path) == 0:

@@ -288,12 +288,24 @@ def test_missing_file_directory_and_pickle_that_runs_code_are_refused_in_one_lin
         assert refusal(mod.load_checkpoint, missing, training) == f"error: no such checkpoint: {missing}"
     # a name with a line break is still one line
     assert refusal(mod.load_checkpoint, "a\nb.pt", False) == "error: no such checkpoint: a\\nb.pt"
-    # a directory: --eval-checkpoint wants a file; --resume takes a run directory, if it holds checkpoint.pt
-    assert "is a directory, not a checkpoint file" in refusal(mod.load_checkpoint, str(tmp_path), False)
+    # a directory: --resume takes a run directory if it holds checkpoint.pt; --eval-checkpoint one that
+    # holds exactly one checkpoint (checkpoint.pt or a saved *.cleanrl_model), else it asks for the file
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert refusal(mod.load_checkpoint, str(tmp_path), False) == \
+        f"error: {tmp_path} is a directory holding no checkpoint: name the file to evaluate"
     assert refusal(mod.load_checkpoint, str(tmp_path), True) == \
         f"error: no such checkpoint: {os.path.join(tmp_path, 'checkpoint.pt')}"
     (tmp_path / "checkpoint.pt").write_bytes(torch_bytes(checkpoint(mod, True)))
     assert mod.load_checkpoint(str(tmp_path), True)["format"] == mod.CHECKPOINT_FORMAT
+    assert "train_state" in mod.load_checkpoint(str(tmp_path), False)
+    model_only = tmp_path / "model_dir"
+    model_only.mkdir()
+    (model_only / "x.cleanrl_model").write_bytes(torch_bytes(checkpoint(mod, False)))
+    assert "train_state" not in mod.load_checkpoint(str(model_only), False)
+    (model_only / "x_best.cleanrl_model").write_bytes(torch_bytes(checkpoint(mod, False)))
+    assert refusal(mod.load_checkpoint, str(model_only), False) == (
+        f"error: {model_only} is a directory holding several checkpoints (x.cleanrl_model, x_best.cleanrl_model): "
+        "name the file to evaluate")
     # a pickle that would run code: refused, and the code did not run. With torch's pickle protocol (2)
     # the unpickler reaches the code and names it; with Python's default (4) it refuses the first frame.
     victim, evil = tmp_path / "pwned.txt", tmp_path / "evil.pt"
