@@ -3,8 +3,8 @@
 Writes docs/mujoco_eval.png (mean and min-max over seeds per task, with the paper's Fig. 3 values
 as reference points; dashed: the mean with sampled actions, where runs logged it with
 --eval-stochastic) and prints the table that the README shows. Runs on different MuJoCo versions
-(column mujoco) are never averaged together: each version is its own curve and table. Given another CSV (same columns),
-writes the figure next to it, with the same name ending in .png.
+(column mujoco) are never averaged together: each version is its own curve and table. Given another
+CSV (same columns), writes the figure next to it, with the same name ending in .png.
 """
 import csv
 import os
@@ -58,14 +58,14 @@ if __name__ == "__main__":
             n_seeds = max(len(v) for v in values)
             on = f", MuJoCo {version}" if version else ""
             label = f"ours, mean of {n_seeds} seed{'s' if n_seeds > 1 else ''}{on}"
-            line, = ax.plot(steps, mean, color=colour[version], label=label)
+            ax.plot(steps, mean, color=colour[version], label=label)
             ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.25,
-                            color=line.get_color(), label="min-max" if n_seeds > 1 else None)
+                            color=colour[version], label="min-max" if n_seeds > 1 else None)
             by_step = sampled[env][version]
             if by_step:
                 s_steps = sorted(by_step)
                 s_mean = [sum(by_step[s].values()) / len(by_step[s]) for s in s_steps]
-                ax.plot(s_steps, s_mean, "--", linewidth=1, color=line.get_color(),
+                ax.plot(s_steps, s_mean, "--", linewidth=1, color=colour[version],
                         label=f"ours, sampled actions (--eval-stochastic){on}")
             print(f"\n{env}{f' (MuJoCo {version})' if version else ''}: "
                   "step | seeds | mean | min | max | mean with sampled actions (seeds)")
