@@ -567,9 +567,11 @@ def compile_fn(fn, device):
     masks and noise as an eager run with the same seed, and ATen's generator is the faster one on a
     CPU (docs/speed.md). Left as it is on GPUs, where it has not been measured."""
     if device.type == "cpu":
-        import torch._inductor.config
+        # imported under its own name: `import torch._inductor.config` would make `torch` a local
+        # name of this whole function, unbound on the CUDA path below
+        import torch._inductor.config as inductor_config
 
-        torch._inductor.config.fallback_random = True
+        inductor_config.fallback_random = True
     return torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None)
 
 

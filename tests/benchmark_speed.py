@@ -1,4 +1,4 @@
-"""Speed benchmark (not collected by pytest): python tests/benchmark_speed.py [--steps N] [--no-loop]
+"""Speed benchmark (not collected by pytest): python tests/benchmark_speed.py [--steps N] [--no-loop] [--device D]
                                              [--authors-script PATH [--authors-python PYTHON]]
 
 Prints, for a fixed seed and Hopper-v4 shapes (obs 11, action 3, batch 256):
@@ -221,6 +221,8 @@ if __name__ == "__main__":
     p.add_argument("--authors-script", help="the authors' meow_continuous_action.py: time it against this script")
     p.add_argument("--authors-python", default=sys.executable, help="interpreter for --authors-script")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the --authors-script comparison")
+    p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
+                   help="time only this device (all: the CPU, and CUDA when present)")
     cli = p.parse_args()
     if cli.steps <= 2000:
         p.error("--steps must be above 2,000 (the whole-loop runs are timed from step 2,000)")
@@ -229,7 +231,10 @@ if __name__ == "__main__":
         print(f"[cpu] whole process, median round: eager {r['eager']:.2f}x the authors' steps/s, "
               f"--compile {r['compile']:.2f}x")
         sys.exit()
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if cli.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    devices = [torch.device(d) for d in ("cpu", "cuda") if cli.device in ("all", d)
+               and (d == "cpu" or torch.cuda.is_available())]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU: {os.cpu_count()} cores" + (f", GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     for device in devices:

@@ -156,6 +156,20 @@ def test_compiled_loss_gradients_and_actions_equal_eager_for_the_same_seed():
     assert not torch.allclose(flow.sample(obs), eager_actions, atol=1e-2)  # fresh noise differs
 
 
+@pytest.mark.parametrize("script", ["ebflow_continuous_action", "ebflow_isaacgym"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compile_fn_builds_both_device_branches_without_a_gpu(script, device, monkeypatch):
+    """compile_fn's CUDA branch (CUDA graphs: mode="reduce-overhead") never runs on a CPU-only CI, so it
+    is built here with torch.compile stubbed. On the first GPU run (an H200) --compile failed in both
+    scripts: an `import torch._inductor.config` in the CPU branch made `torch` a local name of the
+    whole function, unbound on the CUDA branch (UnboundLocalError)."""
+    module = __import__(script)
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: seen.append(mode) or fn)
+    assert module.compile_fn(module.soft_bellman_loss, torch.device(device)) is module.soft_bellman_loss
+    assert seen == ["reduce-overhead" if device == "cuda" else None]
+
+
 def test_compile_flag_runs_end_to_end(run, tmp_path):
     out = run("ebflow_continuous_action.py", "--env-id", "Hopper-v4", "--total-timesteps", 400, "--learning-starts", 200,
               "--batch-size", 64, "--compile", "--eval-frequency", 400, "--eval-episodes", 1, "--log-frequency", 100)
