@@ -695,6 +695,9 @@ if __name__ == "__main__":
     versions = library_versions()
     print(f"versions: {versions}", flush=True)
     writer.add_text("versions", versions, start_step)
+    if device.type == "cuda" and not args.compile:
+        # one env, batch 256: eager updates are launch-bound, slower on an H200 than on a 2-core CPU (docs/speed.md)
+        print("note: on a GPU, --compile (CUDA graphs) is about 3x faster than eager", flush=True)
 
     def write_checkpoint(step):
         ckpt = model_checkpoint(flow, args, obs_dim, act_dim, step)
