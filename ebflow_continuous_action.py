@@ -114,6 +114,22 @@ def library_versions():
     return ", ".join(f"{name} {version}" for name, version in versions.items())
 
 
+def mujoco_note(env_id):
+    """One line for a run that cannot be compared with the paper's Ant-v4 curve, else None. MuJoCo 3.5 made
+    a contact's margin the sum of its two geoms' margins (before: the larger), so Ant's feet (margin 0.01)
+    meet the floor 2 cm away instead of 1 cm. To 1M steps, our Ant-v4 run on MuJoCo 4.0.0 reached 1,425
+    and one on 3.3.7 reached 4,292, the paper about 3,800 (one seed each; docs/meow.md). No other task
+    showed a difference."""
+    mujoco = sys.modules.get("mujoco")
+    if mujoco is None or not env_id.startswith("Ant-"):
+        return None
+    if tuple(int(x) for x in re.findall(r"\d+", mujoco.__version__)[:2]) < (3, 5):
+        return None
+    return (f"note: MuJoCo 3.5 and later (here {mujoco.__version__}) changed Ant's contacts: our Ant-v4 run on 4.0.0 "
+            "stayed under half the paper's return at 1M, one on 3.3.7 reached it; to compare with the paper: "
+            "pip install 'mujoco<3.5' (docs/meow.md)")
+
+
 # Every int and float flag of Args, under the one rule its values must satisfy. check_args walks the
 # fields of Args, so a numeric flag added without a rule here stops every run (KeyError) until it has one.
 RULES = {
@@ -695,6 +711,8 @@ if __name__ == "__main__":
     versions = library_versions()
     print(f"versions: {versions}", flush=True)
     writer.add_text("versions", versions, start_step)
+    if mujoco_note(args.env_id):
+        print(mujoco_note(args.env_id), flush=True)
     if device.type == "cuda" and not args.compile:
         # one env, batch 256: eager updates are launch-bound, slower on an H200 than on a 2-core CPU (docs/speed.md)
         print("note: on a GPU, --compile (CUDA graphs) is about 3x faster than eager", flush=True)
