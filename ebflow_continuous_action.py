@@ -118,8 +118,8 @@ def mujoco_note(env_id):
     """One line for a run that cannot be compared with the paper's Ant-v4 curve, else None. MuJoCo 3.5 made
     a contact's margin the sum of its two geoms' margins (before: the larger), so Ant's feet (margin 0.01)
     meet the floor 2 cm away instead of 1 cm. To 1M steps, our Ant-v4 run on MuJoCo 4.0.0 reached 1,425
-    and one on 3.3.7 reached 4,292, the paper about 3,800 (one seed each; docs/meow.md). No other task
-    showed a difference."""
+    and one on 3.3.7 reached 4,292, the paper about 3,800 (one seed each; docs/meow.md). No other task has
+    been compared across versions in learning yet."""
     mujoco = sys.modules.get("mujoco")
     if mujoco is None or not env_id.startswith("Ant-"):
         return None
@@ -711,8 +711,9 @@ if __name__ == "__main__":
     versions = library_versions()
     print(f"versions: {versions}", flush=True)
     writer.add_text("versions", versions, start_step)
-    if mujoco_note(args.env_id):
-        print(mujoco_note(args.env_id), flush=True)
+    note = mujoco_note(args.env_id)
+    if note:
+        print(note, flush=True)
     if device.type == "cuda" and not args.compile:
         # one env, batch 256: eager updates are launch-bound, slower on an H200 than on a 2-core CPU (docs/speed.md)
         print("note: on a GPU, --compile (CUDA graphs) is about 3x faster than eager", flush=True)
