@@ -448,6 +448,33 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def lock_run(run_dir):
+    """Hold an exclusive lock on `run_dir` (its train.lock file) while this process trains the run. Two
+    processes resuming one run (a sweep started again while its first training process still runs,
+    --resume typed twice) would otherwise both write its checkpoint and its logs. The kernel releases
+    the lock when the process ends, however it ends (kill -9 too), so a killed run resumes as before.
+    Returns the open lock file: closing it releases the lock."""
+    os.makedirs(run_dir, exist_ok=True)
+    lock = open(os.path.join(run_dir, "train.lock"), "a+")
+    try:
+        import fcntl
+
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # Windows has no flock: runs there are not guarded
+        return lock
+    except BlockingIOError:  # another process holds it
+        lock.seek(0)
+        holder = lock.read().strip()[:100] or "it has not written its pid yet"
+        fail(f"{run_dir} is being trained by another process ({holder}): stop that process, or wait for it")
+    except OSError as e:  # a file system without locks (some NFS, Lustre without -o flock): run unguarded
+        print(f"note: cannot lock {run_dir} ({e.strerror}): nothing stops a second process from training it")
+        return lock
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {platform.node()}\n")
+    lock.flush()
+    return lock
+
+
 # a training checkpoint's train_state: each entry and its type (float: any real number; the large
 # entries are dicts here, and their contents are checked when --resume loads them)
 TRAIN_STATE_TYPES = {"args": dict, "run_name": str, "global_step": int, "best_eval": float, "last_eval": float,
@@ -691,6 +718,8 @@ if __name__ == "__main__":
               "the environment starts a fresh episode")
 
     # ---- Logging: only now is anything written ---------------------------------------------
+    run_dir = f"runs/{run_name}"
+    run_lock = lock_run(run_dir)  # one training process per run directory, until this one ends
     if args.track:
         try:
             import wandb
@@ -701,7 +730,6 @@ if __name__ == "__main__":
                    id=run_name, resume="allow")
     from torch.utils.tensorboard import SummaryWriter
 
-    run_dir = f"runs/{run_name}"
     # purge_step hides events a killed run logged after its last checkpoint: no duplicated steps
     writer = SummaryWriter(run_dir, purge_step=start_step if resume_ckpt is not None else None)
     if resume_ckpt is None:
@@ -779,6 +807,7 @@ if __name__ == "__main__":
                 if skipped >= args.max_nonfinite_updates:
                     writer.add_scalar("losses/nonfinite_updates", skipped, global_step)
                     writer.close()
+                    run_lock.close()
                     fail(f"{skipped} updates had a non-finite loss or gradient (each skipped); stopping at "
                          f"step {global_step}. Try a smaller --learning-rate or --alpha.")
 
@@ -815,3 +844,4 @@ if __name__ == "__main__":
     env.close()
     eval_env.close()
     writer.close()
+    run_lock.close()  # another process may resume the run from here on

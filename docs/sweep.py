@@ -17,6 +17,7 @@ executor runs the same jobs on this machine, and a thread pool from the standard
 --max-parallel of them running at once (submitit's local executor starts every job it is given).
 Then `python docs/export_curves.py runs --exp-name sweep --merge --plot` rebuilds the CSV and figure.
 """
+import fcntl
 import getpass
 import os
 import shutil
@@ -123,12 +124,16 @@ class TrainRun(submitit.helpers.Checkpointable):
     finds runs/{run_name}/checkpoint.pt: the training state is in the script's checkpoint, not here.
     """
 
-    def __init__(self, run_name, cmd, workdir, log, env):
+    def __init__(self, run_name, cmd, workdir, log, env, slurm):
         self.run_name, self.cmd, self.workdir, self.log, self.env = run_name, cmd, workdir, log, env
+        self.slurm = slurm
 
     def __call__(self):
         run_dir = os.path.join(self.workdir, "runs", self.run_name)
         cmd = list(self.cmd)
+        holder = training_elsewhere(run_dir)  # e.g. a local sweep killed and started again: its run goes on
+        if holder:
+            raise RuntimeError(f"{run_dir} is being trained by another process ({holder})")
         if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
             import torch  # only to read the step; mmap leaves the (large) buffer on disk
 
@@ -148,9 +153,10 @@ class TrainRun(submitit.helpers.Checkpointable):
             # Slurm signals every process of the job; the training process ignores both signals. SIGUSR2 is
             # for submitit's handler in this job process (above), which then ends the training process.
             # SIGTERM submitit ignores too, so both end by the SIGKILL that follows, and no result is
-            # recorded for a run that Slurm requeues.
-            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            # recorded for a run that Slurm requeues. Here (local) nothing requeues: `kill` must stop a run.
+            if self.slurm:
+                signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
         with open(self.log, "a") as log:
             log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
@@ -160,6 +166,20 @@ class TrainRun(submitit.helpers.Checkpointable):
         if rc != 0:
             raise RuntimeError(f"exit status {rc}")
         return "finished" if "--resume" not in cmd else "finished (resumed)"
+
+
+def training_elsewhere(run_dir):
+    """The holder ("pid N on HOST") of runs/{run}/train.lock while a training process holds it (the scripts'
+    lock_run), else None: a run must not be started again, or its directory removed, while it trains."""
+    try:
+        with open(os.path.join(run_dir, "train.lock")) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return lock.read().strip()[:100] or "its pid not written yet"
+    except OSError:  # no lock file (never trained here), or a file system without locks
+        pass
+    return None
 
 
 def fail(message):
@@ -216,7 +236,7 @@ if __name__ == "__main__":
         for seed in sweep.seeds:
             name = f"{env_id}__{sweep.exp_name}__{seed}"
             runs.append(TrainRun(name, run_command(env_id, seed, sweep, extra), workdir,
-                                 os.path.join(log_dir, f"{name}.log"), env))
+                                 os.path.join(log_dir, f"{name}.log"), env, sweep.slurm))
 
     executor = submitit.AutoExecutor(folder=os.path.join(log_dir, "submitit"),
                                      cluster="slurm" if sweep.slurm else "local",

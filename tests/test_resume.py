@@ -3,6 +3,7 @@ import glob
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -144,3 +145,76 @@ def test_resume_with_mismatched_arguments_fails_cleanly(run, small_checkpoint, e
     assert out.returncode != 0 and "Traceback" not in out.stderr
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("error: cannot resume") and message in line
+
+
+def hold_lock(path, text):
+    """Take the lock as a training process does (flock on train.lock), from this test process."""
+    import fcntl
+
+    lock = open(path, "a+")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.truncate(0)
+    lock.write(text)
+    lock.flush()
+    return lock
+
+
+def tree(run_dir):
+    """Every file under run_dir with its bytes: a refused process must leave all of them as they were."""
+    return {p: open(p, "rb").read() for p in sorted(glob.glob(os.path.join(run_dir, "**"), recursive=True))
+            if os.path.isfile(p)}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock: POSIX only (runs on Windows are not guarded)")
+@pytest.mark.parametrize("script,args", [
+    (SCRIPT, ["--env-id", "tests.scripted_env:RandomStart-v0", "--learning-starts", 50, "--batch-size", 16,
+              "--eval-frequency", 10**6, "--eval-episodes", 1, "--no-cuda"]),
+    ("ebflow_isaacgym.py", ["--backend", "gymnasium", "--env-id", "tests.scripted_env:RandomStart-v0",
+                            "--num-envs", 2, "--learning-starts", 25, "--batch-size", 16, "--buffer-size", 1000,
+                            "--eval-frequency", 10**6, "--eval-episodes", 2, "--no-cuda"]),
+])
+def test_one_process_trains_a_run_at_a_time(tmp_path, script, args):
+    # a sweep started again while its first run still trains, or --resume typed twice: the second
+    # process must stop before it writes anything, naming the one that trains
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args), "--checkpoint-frequency", "200"]
+    first = subprocess.run(cmd + ["--total-timesteps", "200"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    lock_file = os.path.join(run_dir, "train.lock")
+    assert os.path.exists(lock_file)  # left behind by the finished run, no longer held
+    resume = cmd + ["--total-timesteps", "400", "--resume", run_dir]
+
+    # 1. the lock held by another process (here, this test): refused, and nothing written
+    held = hold_lock(lock_file, "pid 4242 on elsewhere\n")
+    before = tree(run_dir)
+    refused = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    (line,) = [s for s in refused.stderr.splitlines() if s.startswith("error:")]
+    assert "is being trained by another process (pid 4242 on elsewhere)" in line, line
+    assert tree(run_dir) == before
+    held.close()  # releases the lock, as the end of a process does
+
+    # 2. a real training process holds it while it trains; a second resume names its pid
+    trainer = subprocess.Popen(cmd + ["--total-timesteps", "1000000", "--resume", run_dir], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while f"pid {trainer.pid} " not in open(lock_file).read() and time.time() < deadline:
+            assert trainer.poll() is None, "the trainer ended early"
+            time.sleep(0.05)
+        second = subprocess.run(cmd + ["--total-timesteps", "2000000", "--resume", run_dir], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        assert f"is being trained by another process (pid {trainer.pid} on " in second.stderr, second.stderr
+        assert trainer.poll() is None  # the first one trains on
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+    # 3. killed (kill -9), its lock is gone with it: the run resumes from its last checkpoint
+    step = load(os.path.join(run_dir, "checkpoint.pt"))["train_state"]["global_step"]
+    again = subprocess.run(cmd + ["--total-timesteps", str(step + 200), "--resume", run_dir], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert load(os.path.join(run_dir, "checkpoint.pt"))["train_state"]["global_step"] == step + 200

@@ -1,10 +1,12 @@
 """docs/sweep.py: the paper's settings table, local sweeps end to end, a real Slurm with a forced requeue."""
 import csv
+import fcntl
 import importlib.util
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -173,3 +175,31 @@ def test_slurm_array_requeued_after_preemption_or_time_out_resumes_to_the_full_s
         assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["train_state"]["global_step"] == steps
         # every evaluation once: the requeued run's events after its checkpoint were purged
         assert eval_steps(run_dir) == list(range(EVAL, steps + 1, EVAL))
+
+
+@pytest.mark.parametrize("slurm", [False, True])
+def test_only_a_slurm_run_ignores_sigterm(tmp_path, slurm):
+    # on Slurm the training process outlives SIGTERM until the SIGKILL (a requeue); here `kill` must stop it
+    sends_itself_sigterm = "import os, signal, time; os.kill(os.getpid(), signal.SIGTERM); time.sleep(1)"
+    run = sweep.TrainRun("r", [sys.executable, "-c", sends_itself_sigterm], str(tmp_path), str(tmp_path / "r.log"),
+                         {}, slurm)
+    if slurm:
+        assert run() == "finished"
+    else:
+        with pytest.raises(RuntimeError, match=f"exit status -{signal.SIGTERM.value}"):
+            run()
+
+
+def test_a_run_that_trains_is_neither_removed_nor_started_again(tmp_path):
+    # a local sweep killed while its run trains on (before its first checkpoint), then started again
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "train.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the training process's lock_run holds it
+        lock.write("pid 4242 on elsewhere\n")
+        lock.flush()
+        run = sweep.TrainRun("r", [sys.executable, "-c", "pass"], str(tmp_path), str(tmp_path / "r.log"), {}, False)
+        with pytest.raises(RuntimeError, match=r"is being trained by another process \(pid 4242 on elsewhere\)"):
+            run()
+        assert os.listdir(run_dir) == ["train.lock"] and not (tmp_path / "r.log").exists()
+    assert run() == "finished"  # once that process has ended
