@@ -105,3 +105,16 @@ def read_tensorboard(run_dir):
     texts = {tag: [(e.step, b"".join(e.tensor_proto.string_val).decode()) for e in ea.Tensors(tag)]
              for tag in tags["tensors"]}
     return scalars, texts
+
+
+def hold_lock(path, text):
+    """Take the lock as a training process does (flock on train.lock), from this test process. Returns the
+    open file: `with` or close() releases the lock."""
+    import fcntl
+
+    lock = open(path, "a+")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.truncate(0)
+    lock.write(text)
+    lock.flush()
+    return lock

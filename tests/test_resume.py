@@ -10,7 +10,7 @@ import torch
 
 import ebflow_continuous_action as meow
 
-from .conftest import ROOT, kill_after_first_checkpoint, read_tensorboard
+from .conftest import ROOT, hold_lock, kill_after_first_checkpoint, read_tensorboard
 
 SCRIPT = "ebflow_continuous_action.py"
 # Episodes of exactly 4 steps from a random start: every checkpoint (a multiple of 400 steps) is at a boundary.
@@ -145,18 +145,6 @@ def test_resume_with_mismatched_arguments_fails_cleanly(run, small_checkpoint, e
     assert out.returncode != 0 and "Traceback" not in out.stderr
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("error: cannot resume") and message in line
-
-
-def hold_lock(path, text):
-    """Take the lock as a training process does (flock on train.lock), from this test process."""
-    import fcntl
-
-    lock = open(path, "a+")
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    lock.truncate(0)
-    lock.write(text)
-    lock.flush()
-    return lock
 
 
 def tree(run_dir):

@@ -1,6 +1,5 @@
 """docs/sweep.py: the paper's settings table, local sweeps end to end, a real Slurm with a forced requeue."""
 import csv
-import fcntl
 import importlib.util
 import os
 import re
@@ -14,7 +13,7 @@ import time
 import pytest
 import torch
 
-from .conftest import ROOT, read_tensorboard, run_script
+from .conftest import ROOT, hold_lock, read_tensorboard, run_script
 
 submitit = pytest.importorskip("submitit", reason="docs/sweep.py needs submitit (tests/requirements.txt)")
 
@@ -194,10 +193,7 @@ def test_a_run_that_trains_is_neither_removed_nor_started_again(tmp_path):
     # a local sweep killed while its run trains on (before its first checkpoint), then started again
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
-    with open(run_dir / "train.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the training process's lock_run holds it
-        lock.write("pid 4242 on elsewhere\n")
-        lock.flush()
+    with hold_lock(run_dir / "train.lock", "pid 4242 on elsewhere\n"):  # as a training process holds it
         run = sweep.TrainRun("r", [sys.executable, "-c", "pass"], str(tmp_path), str(tmp_path / "r.log"), {}, False)
         with pytest.raises(RuntimeError, match=r"is being trained by another process \(pid 4242 on elsewhere\)"):
             run()
