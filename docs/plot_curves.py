@@ -3,8 +3,10 @@
 Writes docs/mujoco_eval.png (mean and min-max over seeds per task, with the paper's Fig. 3 values
 as reference points; dashed: the mean with sampled actions, where runs logged it with
 --eval-stochastic) and prints the table that the README shows. Runs on different MuJoCo versions
-(column mujoco) are never averaged together: each version is its own curve and table. Given another
-CSV (same columns), writes the figure next to it, with the same name ending in .png.
+(column mujoco) are never averaged together: each version is its own curve and table. A mean is drawn
+only at the steps that every seed reached; where one seed ran further, it goes on as a thin line of
+its own (a mean of fewer seeds would jump by the seed spread and carry the wrong seed count). Given
+another CSV (same columns), writes the figure next to it, with the same name ending in .png.
 """
 import csv
 import os
@@ -27,6 +29,30 @@ PAPER = {"Hopper-v4": [(250_000, 3000), (500_000, 3400), (1_000_000, 3450), (1_5
          "Walker2d-v4": [(500_000, 4000), (1_000_000, 5000), (2_000_000, 5300), (4_000_000, 5500)],
          "Ant-v4": [(500_000, 1300), (1_000_000, 3800), (2_000_000, 6000), (4_000_000, 6600)],
          "Humanoid-v4": [(500_000, 1000), (1_000_000, 5500), (2_000_000, 6100), (5_000_000, 6900)]}
+
+
+
+def mean_where_all_seeds(by_step):
+    """by_step: {step: {seed: value}}. Returns (steps, means, mins, maxs) over the steps where every seed
+    of by_step has a value, and {seed: (steps, values)} for the rest: each seed's own values at the
+    other steps (NaN at the common ones, so the line breaks there, except the common step next to
+    them, so that a seed's line joins the mean where it leaves it)."""
+    seeds = {seed for values in by_step.values() for seed in values}
+    steps = sorted(by_step)
+    common = [s for s in steps if len(by_step[s]) == len(seeds)]
+    means = [sum(by_step[s].values()) / len(seeds) for s in common]
+    mins = [min(by_step[s].values()) for s in common]
+    maxs = [max(by_step[s].values()) for s in common]
+    alone = {}
+    for seed in sorted(seeds):
+        own = [s for s in steps if seed in by_step[s]]
+        outside = [s not in common for s in own]
+        shown = [out or (i > 0 and outside[i - 1]) or (i + 1 < len(own) and outside[i + 1])
+                 for i, out in enumerate(outside)]
+        if len(seeds) > 1 and any(outside):
+            alone[seed] = (own, [by_step[s][seed] if show else float("nan") for s, show in zip(own, shown)])
+    return common, means, mins, maxs, alone
+
 
 if __name__ == "__main__":
     csv_path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "mujoco_eval.csv")
@@ -55,18 +81,23 @@ if __name__ == "__main__":
             last_step = max(last_step, steps[-1])
             values = [list(curves[env][version][s].values()) for s in steps]
             mean = [sum(v) / len(v) for v in values]
-            n_seeds = max(len(v) for v in values)
+            common, c_mean, c_min, c_max, alone = mean_where_all_seeds(curves[env][version])
+            n_seeds = len({seed for v in curves[env][version].values() for seed in v})
             on = f", MuJoCo {version}" if version else ""
             label = f"ours, mean of {n_seeds} seed{'s' if n_seeds > 1 else ''}{on}"
-            ax.plot(steps, mean, color=colour[version], label=label)
-            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.25,
-                            color=colour[version], label="min-max" if n_seeds > 1 else None)
+            ax.plot(common, c_mean, color=colour[version], label=label)
+            ax.fill_between(common, c_min, c_max, alpha=0.25, color=colour[version],
+                            label="min-max" if n_seeds > 1 else None)
+            for i, (seed, (own, own_values)) in enumerate(alone.items()):
+                ax.plot(own, own_values, linewidth=0.8, color=colour[version],
+                        label=f"thin: one seed where the others have not run{on}" if i == 0 else None)
             by_step = sampled[env][version]
             if by_step:
-                s_steps = sorted(by_step)
-                s_mean = [sum(by_step[s].values()) / len(by_step[s]) for s in s_steps]
-                ax.plot(s_steps, s_mean, "--", linewidth=1, color=colour[version],
+                common, c_mean, _, _, alone = mean_where_all_seeds(by_step)
+                ax.plot(common, c_mean, "--", linewidth=1, color=colour[version],
                         label=f"ours, sampled actions (--eval-stochastic){on}")
+                for own, own_values in alone.values():
+                    ax.plot(own, own_values, "--", linewidth=0.6, color=colour[version])
             print(f"\n{env}{f' (MuJoCo {version})' if version else ''}: "
                   "step | seeds | mean | min | max | mean with sampled actions (seeds)")
             for s, v, m in zip(steps, values, mean):

@@ -1,11 +1,14 @@
 """docs/export_curves.py and docs/plot_curves.py: each evaluation carries the MuJoCo version it ran on,
 and runs on different versions are neither merged away nor averaged together."""
 import csv
+import importlib.util
+import math
+import os
 
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from .conftest import run_script
+from .conftest import ROOT, run_script
 
 
 def fake_run(path, evals, versions=()):
@@ -76,3 +79,25 @@ def test_plot_never_averages_runs_on_different_mujoco_versions(tmp_path):
                       "Ant-v4 (MuJoCo 4.0.0)": ["10000 | 2 | 200 | 100 | 300"],
                       "Hopper-v4": ["10000 | 1 | 5 | 5 | 5"]}
     assert (tmp_path / "eval.png").stat().st_size > 0
+
+
+def test_plot_means_only_steps_every_seed_reached_and_draws_the_rest_per_seed():
+    pytest.importorskip("matplotlib", reason="docs/plot_curves.py needs matplotlib (tests/requirements.txt)")
+    spec = importlib.util.spec_from_file_location("plot_curves", os.path.join(ROOT, "docs", "plot_curves.py"))
+    plot_curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_curves)
+    # seed 1 ran to 40, seed 2 to 20: the mean stops at 20; seed 1 goes on alone, joined at 20
+    common, means, mins, maxs, alone = plot_curves.mean_where_all_seeds(
+        {10: {1: 1.0, 2: 3.0}, 20: {1: 2.0, 2: 5.0}, 30: {1: 4.0}, 40: {1: 8.0}})
+    assert (common, means, mins, maxs) == ([10, 20], [2.0, 3.5], [1.0, 2.0], [3.0, 5.0])
+    assert list(alone) == [1] and alone[1][0] == [10, 20, 30, 40]
+    assert math.isnan(alone[1][1][0]) and alone[1][1][1:] == [2.0, 4.0, 8.0]
+    # a seed that started logging later (sampled actions from a resume): the other is alone before it
+    common, means, _, _, alone = plot_curves.mean_where_all_seeds(
+        {10: {1: 1.0}, 20: {1: 2.0, 2: 6.0}, 30: {1: 3.0, 2: 7.0}})
+    assert (common, means) == ([20, 30], [4.0, 5.0])
+    assert list(alone) == [1] and alone[1][0] == [10, 20, 30]
+    assert alone[1][1][:2] == [1.0, 2.0] and math.isnan(alone[1][1][2])
+    # one seed: its whole curve is the mean, nothing alone
+    assert plot_curves.mean_where_all_seeds({10: {3: 1.0}, 20: {3: 2.0}}) == ([10, 20], [1.0, 2.0], [1.0, 2.0],
+                                                                               [1.0, 2.0], {})
