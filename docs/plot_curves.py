@@ -116,7 +116,7 @@ if __name__ == "__main__":
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
         ax.set_xlabel("environment steps")
         ax.set_ylabel("deterministic evaluation return")
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="best", fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
