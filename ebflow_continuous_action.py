@@ -117,17 +117,16 @@ def library_versions():
 def mujoco_note(env_id):
     """One line for a run that cannot be compared with the paper's Ant-v4 curve, else None. MuJoCo 3.5 made
     a contact's margin the sum of its two geoms' margins (before: the larger), so Ant's feet (margin 0.01)
-    meet the floor 2 cm away instead of 1 cm. To 1M steps, our Ant-v4 run on MuJoCo 4.0.0 reached 1,425
-    and one on 3.3.7 reached 4,292, the paper about 3,800 (one seed each; docs/meow.md). No other task has
-    been compared across versions in learning yet."""
+    meet the floor 2 cm away instead of 1 cm: from 3.5 on, Ant-v4 is not the task the paper learned
+    (MuJoCo 2.3.7; 3.1 to 3.4 follow its trajectories). Whether that changes the returns MEow reaches is
+    not settled: docs/meow.md, "Experiment results", has our runs on both versions."""
     mujoco = sys.modules.get("mujoco")
     if mujoco is None or not env_id.startswith("Ant-"):
         return None
     if tuple(int(x) for x in re.findall(r"\d+", mujoco.__version__)[:2]) < (3, 5):
         return None
-    return (f"note: MuJoCo 3.5 and later (here {mujoco.__version__}) changed Ant's contacts: our Ant-v4 run on 4.0.0 "
-            "stayed under half the paper's return at 1M, one on 3.3.7 reached it; to compare with the paper: "
-            "pip install 'mujoco<3.5' (docs/meow.md)")
+    return (f"note: MuJoCo 3.5 and later (here {mujoco.__version__}) simulate Ant's contacts differently from the "
+            "paper's MuJoCo 2.3.7; to compare with the paper: pip install 'mujoco<3.5' (docs/meow.md)")
 
 
 # Every int and float flag of Args, under the one rule its values must satisfy. check_args walks the
