@@ -31,7 +31,6 @@ PAPER = {"Hopper-v4": [(250_000, 3000), (500_000, 3400), (1_000_000, 3450), (1_5
          "Humanoid-v4": [(500_000, 1000), (1_000_000, 5500), (2_000_000, 6100), (5_000_000, 6900)]}
 
 
-
 def mean_where_all_seeds(by_step):
     """by_step: {step: {seed: value}}. Returns (steps, means, mins, maxs) over the steps where every seed
     of by_step has a value, and {seed: (steps, values)} for the rest: each seed's own values at the
