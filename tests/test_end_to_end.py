@@ -76,7 +76,7 @@ def rollouts(flow, seeds, noise=None):
     ("Ant-v4", "3.4.0", False), ("Ant-v4", "3.5.0", True), ("Ant-v5", "4.0.0", True), ("Ant-v4", "3.10.1", True),
     ("Ant-v4", "2.3.7", False), ("Hopper-v4", "4.0.0", False), ("Humanoid-v4", "3.17.0", False)])
 def test_mujoco_note_only_for_ant_from_mujoco_3_5(env_id, version, noted, monkeypatch):
-    """The margin change that moved Ant-v4 came with MuJoCo 3.5 (docs/meow.md): versions compare as numbers."""
+    """The contact-margin change to Ant-v4 came with MuJoCo 3.5 (docs/meow.md): versions compare as numbers."""
     monkeypatch.setitem(sys.modules, "mujoco", type(sys)("mujoco"))
     sys.modules["mujoco"].__version__ = version
     note = meow.mujoco_note(env_id)
