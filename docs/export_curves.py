@@ -11,7 +11,8 @@ made that evaluation, from the text 'versions' every start logs; a run resumed o
 gets the new one from its resume on; --mujoco VERSION for runs that logged no versions, else empty:
 MuJoCo 3.5 and later change Ant-v4 and Humanoid-v4, docs/meow.md). --merge keeps the CSV's rows of
 every (env_id, seed, mujoco) not exported now, so runs made earlier stay (a row without a version is
-replaced by an export of its task and seed); --plot then redraws the figure (docs/plot_curves.py).
+replaced by an export of its task and seed from a run that did not log its version from the start, which
+may be the same run, never by a new run); --plot then redraws the figure (docs/plot_curves.py).
 Needs only tensorboard (already a run-time dependency); --plot needs matplotlib.
 """
 import argparse
@@ -56,6 +57,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
 
     rows, source = [], {}  # source: (env_id, seed) -> the run directory it was read from
+    unlogged = set()  # (env_id, seed) of runs begun before runs logged their MuJoCo version
     for folder in args.runs_dirs:
         for run_dir in sorted(glob.glob(os.path.join(folder, "*__*__*"))):
             parts = os.path.basename(run_dir).split("__")
@@ -75,6 +77,8 @@ if __name__ == "__main__":
             stochastic = {e.step: round(e.value, 1) for e in ea.Scalars("eval/return_stochastic")} \
                 if "eval/return_stochastic" in ea.Tags()["scalars"] else {}
             versions = mujoco_versions(ea)
+            if not versions or versions[0][0] > 0:  # begun before runs logged their versions
+                unlogged.add((env_id, seed))
             # logged at global_step = (steps taken) - 1; report steps taken
             rows += [(env_id, seed, e.step + 1, round(e.value, 1), stochastic.get(e.step, ""),
                       version_at(versions, e.step, args.mujoco)) for e in ea.Scalars("eval/return")]
@@ -83,10 +87,11 @@ if __name__ == "__main__":
         exported.setdefault(row[:2], set()).add(row[5])
 
     def replaced(env_id, seed, version):
-        """An old row is replaced by this export if it is of a task and seed exported now, on one of the
-        versions exported now; or if either side has no recorded version (it may be the same run)."""
-        versions = exported.get((env_id, seed))
-        return versions is not None and (version in versions or version == "" or "" in versions)
+        """An old row is replaced by this export if it is of a task, seed and MuJoCo version exported now.
+        A row of no recorded version is replaced only by a run begun before runs logged their version (it
+        may be that run, exported again, e.g. with --mujoco): a run that logged its version from the start
+        is a new run, and must not delete an older run of the same seed."""
+        return version in exported.get((env_id, seed), ()) or (version == "" and (env_id, seed) in unlogged)
 
     kept = []
     if args.merge and os.path.exists(args.csv):

@@ -41,8 +41,9 @@ def test_each_evaluation_gets_the_version_of_the_start_before_it_and_merge_keeps
     csv_path.write_text("env_id,seed,step,eval_return,eval_return_stochastic,mujoco\n"
                         "Ant-v4,1,10,7.0,,2.3.7\n"    # the same task and seed on another version: kept
                         "Ant-v4,1,999,8.0,,4.0.0\n"   # a version exported now: replaced
-                        "Ant-v4,1,60,9.0,,\n"         # no recorded version, may be the same run: replaced
-                        "Hopper-v4,2,20,10.0,,\n"     # replaced
+                        "Ant-v4,1,60,9.0,,\n"         # no recorded version, and Ant's run logged its
+                                                      # versions from the start: another run, kept
+                        "Hopper-v4,2,20,10.0,,\n"     # its run logged no versions: may be the same, replaced
                         "Walker2d-v4,1,10,11.0,,\n")  # not exported now: kept
     out = run_script("docs/export_curves.py", "runs", "--mujoco", "9.9.9", "--merge", "--csv", csv_path,
                      cwd=tmp_path)
@@ -50,7 +51,7 @@ def test_each_evaluation_gets_the_version_of_the_start_before_it_and_merge_keeps
     assert read(csv_path) == sorted([
         ("Ant-v4", 1, 10, 1.0, "3.3.7"), ("Ant-v4", 1, 20, 2.0, "3.3.7"), ("Ant-v4", 1, 30, 3.0, "3.3.7"),
         ("Ant-v4", 1, 40, 4.0, "4.0.0"), ("Ant-v4", 1, 50, 5.0, "4.0.0"),
-        ("Ant-v4", 1, 10, 7.0, "2.3.7"),
+        ("Ant-v4", 1, 10, 7.0, "2.3.7"), ("Ant-v4", 1, 60, 9.0, ""),
         ("Hopper-v4", 2, 10, 6.0, "9.9.9"),  # --mujoco: only for runs that logged none
         ("Walker2d-v4", 1, 10, 11.0, "")])
 
