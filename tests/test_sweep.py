@@ -94,7 +94,8 @@ def test_local_sweep_runs_checks_exit_status_exports_and_skips_finished_runs(tmp
         assert eval_steps(tmp_path / "runs" / f"Hopper-v4__sweep__{seed}") == list(range(EVAL, steps + 1, EVAL))
         assert f"--seed {seed} " in (logs / f"Hopper-v4__sweep__{seed}.log").read_text()
 
-    # the CSV: both seeds from the sweep; rows of other runs kept, older rows of these seeds replaced
+    # the CSV: both seeds from the sweep; rows of other runs kept, among them an older seed-1 run with no
+    # recorded MuJoCo version (the sweep's runs log theirs from the start, so they are new runs)
     csv_path = tmp_path / "eval.csv"
     csv_path.write_text("env_id,seed,step,eval_return\nHopper-v4,1,999999,1.0\nWalker2d-v4,1,10000,123.4\n")
     export = run_script("docs/export_curves.py", "runs", "--exp-name", "sweep", "--merge", "--csv", csv_path,
@@ -103,7 +104,7 @@ def test_local_sweep_runs_checks_exit_status_exports_and_skips_finished_runs(tmp
     rows = list(csv.DictReader(open(csv_path)))
     got = sorted((r["env_id"], int(r["seed"]), int(r["step"])) for r in rows)
     assert got == sorted([("Hopper-v4", s, k) for s in (1, 2) for k in range(EVAL, steps + 1, EVAL)]
-                         + [("Walker2d-v4", 1, 10000)])
+                         + [("Hopper-v4", 1, 999999), ("Walker2d-v4", 1, 10000)])
     tb = read_tensorboard(str(tmp_path / "runs" / "Hopper-v4__sweep__2"))[0]
     for column, tag in [("eval_return", "eval/return"), ("eval_return_stochastic", "eval/return_stochastic")]:
         logged = dict(tb[tag])
@@ -112,7 +113,7 @@ def test_local_sweep_runs_checks_exit_status_exports_and_skips_finished_runs(tmp
     assert [r["eval_return_stochastic"] for r in rows if r["env_id"] == "Walker2d-v4"] == [""]  # kept, had none
     # the MuJoCo version each run logged at its start, as the test process imports it
     mujoco = importlib.import_module("mujoco")
-    assert {r["mujoco"] for r in rows if r["env_id"] == "Hopper-v4"} == {mujoco.__version__}
+    assert {r["mujoco"] for r in rows if r["env_id"] == "Hopper-v4" and r["step"] != "999999"} == {mujoco.__version__}
 
     # the same sweep again: finished runs are recognised from their checkpoints and not run again
     ckpt = tmp_path / "runs" / "Hopper-v4__sweep__1" / "checkpoint.pt"
