@@ -13,7 +13,7 @@ floor margin 0.03 (its feet have 0.01) and prints the margin of the first foot c
 a contact's margin is the larger of its two geoms' margins, from 3.5 on their sum. Every geom of a v4 task
 has the same margin (Ant 0.01, Hopper and Humanoid 0.001, HalfCheetah and Walker2d 0), so `--half-margins`
 gives the contacts of MuJoCo 3.5 and later the margins they had before. The results are in docs/meow.md,
-"Where we are below the paper".
+"The MuJoCo version".
 """
 import sys
 

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# approximate values read off the paper's Fig. 3 (mean of 5 seeds), as quoted in MEOW.md section 4
+# approximate values read off the paper's Fig. 3 (mean of 5 seeds, arXiv:2405.13629)
 PAPER = {"Hopper-v4": [(250_000, 3000), (500_000, 3400), (1_000_000, 3450), (1_500_000, 3500)],
          "HalfCheetah-v4": [(250_000, 8300), (500_000, 9800), (1_000_000, 11000), (1_500_000, 11500)],
          "Walker2d-v4": [(500_000, 4000), (1_000_000, 5000), (2_000_000, 5300), (4_000_000, 5500)],

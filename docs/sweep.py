@@ -39,8 +39,7 @@ except ImportError:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "ebflow_continuous_action.py")
 
-# The paper's per-task settings (MEOW.md section 4, paper Fig. 3). The README's per-task commands show
-# the same values; tests/test_sweep.py checks that they match.
+# The paper's per-task settings (arXiv:2405.13629, Fig. 3); tests/test_sweep.py checks the README's against them
 PAPER_SETTINGS = {
     "Hopper-v4":
         dict(total_timesteps=1_500_000, tau=0.005, alpha=0.25, learning_starts=5_000, sigma_max=-0.3, sigma_min=-5.0),

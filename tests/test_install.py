@@ -60,6 +60,7 @@ def test_training_loads_no_opengl(run, tmp_path, script, args):
 @linux_only
 @pytest.mark.parametrize("backend", ["osmesa", "glfw"])  # `import mujoco` fails / making the context fails
 def test_capture_video_without_opengl_is_one_line(run, tmp_path, backend):
+    pytest.importorskip("moviepy", reason="--capture-video needs moviepy (tests/requirements.txt)")
     out = run("ebflow_continuous_action.py", "--env-id", "InvertedPendulum-v4", "--capture-video",
               "--total-timesteps", 200, "--learning-starts", 1000, "--eval-frequency", 200, "--eval-episodes", 1,
               env=no_opengl(tmp_path, backend))

@@ -5,16 +5,32 @@ import pytest
 import torch
 
 import ebflow_continuous_action as meow
+import ebflow_isaacgym as isaac
 
 from . import meow_reference as ref
 from .test_flow_math import random_flow
 
 
-def make_pair(obs_dim=6, act_dim=3, seed=0, dtype=torch.float64):
+# the tests of the target, the update and the clipping run on both scripts' copies of the flow and loss
+BOTH_SCRIPTS = pytest.mark.parametrize("module", [meow, isaac], ids=["single_env", "isaacgym"])
+
+
+def make_pair(obs_dim=6, act_dim=3, seed=0, dtype=torch.float64, module=meow):
     """An online flow (dropout on) and a target flow (eval mode) with *different* random weights everywhere."""
-    flow = random_flow(obs_dim, act_dim, sigma_min=-3.0, seed=seed).train()
-    target = random_flow(obs_dim, act_dim, sigma_min=-3.0, seed=seed + 1)
+    flow = random_flow(obs_dim, act_dim, sigma_min=-3.0, seed=seed, module=module).train()
+    target = random_flow(obs_dim, act_dim, sigma_min=-3.0, seed=seed + 1, module=module)
     return flow.to(dtype), target.to(dtype)
+
+
+def with_valid(module, data, valid=None):
+    """The vectorized script's loss and update take one more field, `valid` (all ones unless given)."""
+    if module is not isaac:
+        return data
+    return (*data, torch.ones_like(data[2]) if valid is None else valid)
+
+
+def script_loss(module, flow, target, data, gamma, valid=None):
+    return module.soft_bellman_loss(flow, target, *with_valid(module, data, valid), gamma)
 
 
 def batch(obs_dim=6, act_dim=3, n=64, seed=1, dtype=torch.float64):
@@ -58,51 +74,82 @@ def test_q_and_v_equal_the_straightforward_evaluation():
     assert torch.allclose(flow.soft_v(obs), v_ref, atol=1e-10)
 
 
-def test_target_uses_target_network_min_over_heads_and_cuts_terminal_bootstrap():
-    flow, target = make_pair()
-    flow.eval()
-    obs, act, rew, next_obs, term = batch()
+@BOTH_SCRIPTS
+def test_target_is_the_target_networks_min_over_heads_cut_by_termination(module):
+    """y = r + gamma (1 - terminated) min_k Vbar_k(s'), Vbar from the target network: the loss equals the one
+    computed from the straightforward evaluation, and each wrong target gives another number."""
+    flow, target = make_pair(module=module)
+    flow.eval()  # dropout off: the script and the reference see the same network
+    obs, act, rew, next_obs, term = data = batch()
     gamma = 0.9
-    loss, q = meow.soft_bellman_loss(flow, target, obs, act, rew, next_obs, term, gamma)
-    # by hand: V from the *target* flow, min over its two heads, masked by (1 - terminated)
-    v_next = target.soft_v(next_obs)
-    y = rew + gamma * (1 - term) * torch.minimum(v_next[:, 0], v_next[:, 1])
-    expected = 0.5 * ((q[:, 0] - y) ** 2).mean() + 0.5 * ((q[:, 1] - y) ** 2).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
-    # the online flow's V would give another number: the target really is the target network's
-    y_online = rew + gamma * (1 - term) * flow.soft_v(next_obs).min(1).values
-    wrong = 0.5 * ((q[:, 0] - y_online) ** 2).mean() + 0.5 * ((q[:, 1] - y_online) ** 2).mean()
-    assert abs(wrong.item() - loss.item()) > 1e-3
-    # terminated transitions: the target is the reward alone, whatever the next state
-    term1 = torch.ones_like(term)
-    loss_t, q_t = meow.soft_bellman_loss(flow, target, obs, act, rew, next_obs * 100, term1, gamma)
-    assert loss_t.item() == pytest.approx((0.5 * ((q_t - rew[:, None]) ** 2).mean(0).sum()).item(), rel=1e-12)
-    # no gradient flows into the target network
-    loss.backward()
+    q, _ = ref.q_and_v_doubled(flow, obs, act)
+
+    def loss_with_target(v_next, pick=torch.minimum, cut=term):
+        y = rew + gamma * (1 - cut) * pick(v_next[:, 0], v_next[:, 1])
+        return (0.5 * ((q - y[:, None]) ** 2).mean(0).sum()).item()
+
+    loss, _ = script_loss(module, flow, target, data, gamma)
+    v_target, v_online = ref.v_doubled(target, next_obs), ref.v_doubled(flow, next_obs)
+    assert loss.item() == pytest.approx(loss_with_target(v_target), rel=1e-10)
+    wrong = {"the online network's V": loss_with_target(v_online),
+             "the max over heads": loss_with_target(v_target, torch.maximum),
+             "a bootstrap after termination": loss_with_target(v_target, cut=torch.zeros_like(term))}
+    for mistake, value in wrong.items():
+        assert value != pytest.approx(loss.item(), rel=1e-3), mistake
+    loss.backward()  # no gradient flows into the target network
     assert all(p.grad is None for p in target.parameters())
 
 
-def test_one_update_changes_every_parameter_group_and_moves_target_towards_online():
-    flow, target = make_pair(dtype=torch.float32)
-    flow.train()
-    target.load_state_dict(flow.state_dict())
-    args = meow.Args(learning_rate=1e-3, tau=0.5)
-    update, optimizer, skipped = meow.make_update(flow, target, args)
-    before = copy.deepcopy(flow.state_dict())
-    target_before = copy.deepcopy(target.state_dict())
-    update(batch(dtype=torch.float32))
-    groups = {"couplings": flow.couplings, "log_scale_net": flow.log_scale_net,
-              "shift_nets.0": flow.shift_nets[0], "shift_nets.1": flow.shift_nets[1]}
-    for group, module in groups.items():
-        for name, p in module.named_parameters():
-            key = f"{group}.{name}"
-            assert not torch.equal(p.detach(), before[key]), f"{key} did not change"
-    # Polyak: the parts of the target that V reads moved halfway (tau = 0.5) to the new online weights
-    for name, p in target.named_parameters():
-        if name.startswith(("log_scale_net", "shift_nets")):
-            expected = target_before[name] + 0.5 * (flow.state_dict()[name] - target_before[name])
-            assert torch.allclose(p.detach(), expected, atol=1e-7), name
+def test_valid_masks_transitions_out_of_the_vectorized_loss():
+    """A transition across a reset (valid = 0) carries any numbers: the loss is the mean over the others."""
+    flow, target = make_pair(module=isaac)
+    flow.eval()
+    obs, act, rew, next_obs, term = batch()
+    valid = (torch.arange(64) % 3 != 0).double()
+    garbage = torch.where(valid == 1, rew, torch.full_like(rew, 1e3))
+    loss, _ = isaac.soft_bellman_loss(flow, target, obs, act, garbage, next_obs, term, valid, 0.9)
+    keep = valid == 1
+    expected = ref.reference_loss(flow, target, obs[keep], act[keep], rew[keep], next_obs[keep], term[keep], 0.9)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+@BOTH_SCRIPTS
+def test_one_update_moves_every_parameter_and_the_targets_v_networks_by_exactly_tau(module):
+    """Polyak averaging: the target's h(s) and b_k(s) (all that V reads) move by tau towards the updated
+    online weights, target <- target + tau (online - target); the rest of the target stays as it was."""
+    flow, target = make_pair(dtype=torch.float32, module=module)
+    tau = 0.3  # not 0.5: a weight of 1 - tau would pass too
+    update, _, skipped = module.make_update(flow, target, module.Args(tau=tau))
+    before, target_before = copy.deepcopy(flow.state_dict()), copy.deepcopy(target.state_dict())
+    update(with_valid(module, batch(dtype=torch.float32)))
+    after = flow.state_dict()
+    for name, p in flow.named_parameters():
+        assert not torch.equal(p.detach(), before[name]), f"{name} did not move"
+    for name, t in target.state_dict().items():
+        if name.startswith(("log_scale_net.", "shift_nets.")):
+            expected = target_before[name] + tau * (after[name] - target_before[name])
+            assert torch.allclose(t, expected, rtol=0, atol=1e-6), name
+        else:
+            assert torch.equal(t, target_before[name]), f"the target's {name} changed"
     assert skipped.item() == 0
+
+
+@BOTH_SCRIPTS
+def test_the_gradient_adam_applies_is_clipped_to_max_grad_norm(module):
+    """The gradient handed to Adam is the loss gradient (computed here) scaled to norm --max-grad-norm."""
+    flow, target = make_pair(dtype=torch.float32, module=module)
+    flow.eval()  # no dropout: the gradient is a deterministic function of the weights
+    data = batch(dtype=torch.float32)
+    grads = torch.autograd.grad(script_loss(module, flow, target, data, 0.99)[0], list(flow.parameters()))
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+    max_norm = norm / 10
+    update, optimizer, _ = module.make_update(flow, target, module.Args(max_grad_norm=max_norm))
+    seen = []  # the gradients when Adam steps
+    optimizer.register_step_pre_hook(lambda *_: seen.append([p.grad.clone() for p in flow.parameters()]))
+    update(with_valid(module, data))
+    (applied,) = seen
+    for (name, _), g, g_applied in zip(flow.named_parameters(), grads, applied):
+        assert torch.allclose(g_applied, g * max_norm / norm, rtol=1e-4, atol=1e-9), name
 
 
 def test_nonfinite_loss_skips_the_update_and_is_counted():

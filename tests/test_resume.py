@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ebflow_continuous_action as meow
+import ebflow_isaacgym as isaac
 
 from .conftest import ROOT, hold_lock, kill_after_first_checkpoint, read_tensorboard
 
@@ -63,7 +64,7 @@ def test_killed_run_resumes_and_matches_the_uninterrupted_run(tmp_path):
     for key in ["target_model", "optimizer", "buffer", "best_eval", "rng", "run_name", "args"]:
         assert key in ts
     assert ts["buffer"]["size"] == saved_step and ts["buffer"]["obs"].dtype == torch.float32
-    for rng in ["python", "numpy", "torch", "env", "action_space"]:
+    for rng in ["torch", "env", "action_space"]:  # the streams training draws from
         assert rng in ts["rng"]
 
     # resume to the end
@@ -206,3 +207,68 @@ def test_one_process_trains_a_run_at_a_time(tmp_path, script, args):
                            env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert load(os.path.join(run_dir, "checkpoint.pt"))["train_state"]["global_step"] == step + 200
+
+
+def test_vectorized_run_killed_and_resumed_continues_from_exactly_its_checkpoint(tmp_path):
+    """ebflow_isaacgym.py killed after a checkpoint, resumed for one vector step. Its envs start fresh episodes
+    (their state is not saved), so no later state equals the uninterrupted run's; instead the state after that
+    one step must follow from the checkpoint's: normaliser, Adam moments, online and target weights, counters."""
+    n, tau, lr, betas, eps = 4, 0.3, 1e-3, (0.9, 0.999), 1e-8  # Adam's defaults
+    args = ["--backend", "gymnasium", "--env-id", "tests.scripted_env:RandomStart-v0", "--num-envs", n,
+            "--learning-starts", 10, "--batch-size", 32, "--buffer-size", 1000, "--checkpoint-frequency", 30 * n,
+            "--log-frequency", 1, "--eval-frequency", 10**6, "--eval-episodes", 2, "--tau", tau,
+            "--learning-rate", lr, "--flow-hidden", 16, "--shift-hidden", 16, "--no-cuda"]
+    cmd = [sys.executable, os.path.join(ROOT, "ebflow_isaacgym.py"), *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    run_dir = kill_after_first_checkpoint(cmd + ["--total-timesteps", str(1000 * n)], str(tmp_path), env)
+    path = os.path.join(run_dir, "checkpoint.pt")
+    saved = load(path)
+    step = saved["train_state"]["global_step"]
+    assert step % (30 * n) == 0 and step < 1000 * n
+    # counters this run cannot reach by itself, so that one left at its initial value shows
+    saved["train_state"].update(nonfinite_updates=3.0, best_eval=1e9, last_eval=-12.5)
+    torch.save(saved, path)
+    out = subprocess.run(cmd + ["--total-timesteps", str(step + n), "--resume", run_dir], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    end, ts0 = load(path), saved["train_state"]
+    ts1 = end["train_state"]
+    assert end["global_step"] == ts1["global_step"] == step + n
+    assert ts1["nonfinite_updates"] == 3.0 and ts1["best_eval"] == 1e9
+    assert "eval -12.5" in out.stdout  # the progress line before the run's final evaluation shows the restored one
+
+    # the buffer: the saved rows, then the new vector step's transitions
+    row = step // n
+    assert ts1["buffer"]["size"] == row + 1
+    for key, saved_rows in ts0["buffer"].items():
+        if isinstance(saved_rows, torch.Tensor):
+            assert torch.equal(ts1["buffer"][key][:row], saved_rows), key
+    # the normaliser: the saved statistics and the N observations of that step (no episode ends in the first
+    # step after a reset, so they are the buffer's s'), combined through the first and second moments
+    new = ts1["buffer"]["next_obs"][row].double()
+    norm0, norm1 = saved["obs_normalizer"], end["obs_normalizer"]
+    count = norm0["count"] + n
+    mean = (norm0["count"] * norm0["mean"] + new.sum(0)) / count
+    second = (norm0["count"] * (norm0["var"] + norm0["mean"] ** 2) + (new**2).sum(0)) / count
+    assert norm1["count"] == count
+    assert torch.allclose(norm1["mean"], mean, rtol=1e-9) and torch.allclose(norm1["var"], second - mean**2, rtol=1e-6)
+
+    # Adam: one more step on the saved moments, m <- b1 m + (1 - b1) g and v <- b2 v + (1 - b2) g^2 for one g,
+    # and the saved weights moved by lr m_hat / (sqrt(v_hat) + eps)
+    names = [name for name, _ in isaac.EBFlowPolicy(3, 2, 0.1, -5.0, -0.3).named_parameters()]
+    for i, name in enumerate(names):
+        st0, st1 = ts0["optimizer"]["state"][i], ts1["optimizer"]["state"][i]
+        t = st1["step"].item()
+        assert t == st0["step"].item() + 1, name
+        g = (st1["exp_avg"] - betas[0] * st0["exp_avg"]) / (1 - betas[0])
+        expected_v = betas[1] * st0["exp_avg_sq"] + (1 - betas[1]) * g**2
+        assert torch.allclose(st1["exp_avg_sq"], expected_v, rtol=1e-4, atol=1e-12), name
+        m_hat, v_hat = st1["exp_avg"] / (1 - betas[0] ** t), st1["exp_avg_sq"] / (1 - betas[1] ** t)
+        expected = saved["model"][name] - lr * m_hat / (v_hat.sqrt() + eps)
+        assert torch.allclose(end["model"][name], expected, rtol=0, atol=1e-6), name
+        # the target: its V networks moved by tau from the saved target towards the new online weights
+        target0, target1 = ts0["target_model"][name], ts1["target_model"][name]
+        if name.startswith(("log_scale_net.", "shift_nets.")):
+            assert torch.allclose(target1, target0 + tau * (end["model"][name] - target0), rtol=0, atol=1e-6), name
+        else:
+            assert torch.equal(target1, target0), name

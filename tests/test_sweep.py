@@ -89,7 +89,7 @@ def test_local_sweep_runs_checks_exit_status_exports_and_skips_finished_runs(tmp
     assert re.search(r"Hopper-v4__sweep__3 +FAILED: .*exit status 2", summary), summary
     assert "2 of 3 runs succeeded" in summary
     logs = tmp_path / "runs" / "sweeps" / "sweep"
-    assert "not a readable torch checkpoint file" in (logs / "Hopper-v4__sweep__3.log").read_text()
+    assert "not a usable checkpoint of" in (logs / "Hopper-v4__sweep__3.log").read_text()
     for seed in (1, 2):
         assert eval_steps(tmp_path / "runs" / f"Hopper-v4__sweep__{seed}") == list(range(EVAL, steps + 1, EVAL))
         assert f"--seed {seed} " in (logs / f"Hopper-v4__sweep__{seed}.log").read_text()
@@ -133,8 +133,12 @@ def slurm_unavailable():
     return None
 
 
-@pytest.mark.skipif(slurm_unavailable() is not None, reason=str(slurm_unavailable()))
 def test_slurm_array_requeued_after_preemption_or_time_out_resumes_to_the_full_step_count(tmp_path):
+    missing = slurm_unavailable()
+    if missing and os.environ.get("CI_EXPECT_SLURM") == "1":  # CI started a Slurm (.ci/run): not finding it fails
+        pytest.fail(f"CI_EXPECT_SLURM=1 but {missing}")
+    if missing:
+        pytest.skip(missing)
     # the runs must outlive Slurm's KillWait (5 s, .ci/slurm-up) after the first checkpoint: a requeued run
     # ignores SIGTERM until the SIGKILL, and one that finishes in that grace time has nothing to resume
     steps, ckpt_every = 30 * EVAL, 2 * EVAL
