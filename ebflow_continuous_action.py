@@ -4,7 +4,6 @@
 # Q-function; its log normalizing constant is the exact soft value V. Training is one soft
 # Bellman regression (paper Sec. 3, Eq. 10); there is no separate actor loss.
 # Read top to bottom: Args -> environment -> EBFlow policy -> replay buffer -> training loop.
-import copy
 import importlib.util
 import math
 import os
@@ -486,7 +485,10 @@ if __name__ == "__main__":
     try:  # sizes the machine cannot hold are bad input too
         flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
                             args.flow_hidden, args.shift_hidden).to(device)
-        target_flow = copy.deepcopy(flow).eval()  # the target runs in eval mode (no dropout)
+        target_flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
+                                   args.flow_hidden, args.shift_hidden).to(device)
+        target_flow.load_state_dict(flow.state_dict())
+        target_flow.eval()  # the target runs in eval mode (no dropout)
         rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         fail(f"cannot allocate the networks and the replay buffer on {device} (--buffer-size "

@@ -6,7 +6,6 @@
 # observations are standardised by running statistics, and one gradient step follows each vector
 # step. Backends: `isaacgym` (Isaac Gym Preview 4, GPU), `isaaclab` (Isaac Lab 3.0), `gymnasium`
 # (any Gymnasium continuous-control task as a vector env; runs on a CPU, and in the tests).
-import copy
 import importlib.util
 import math
 import os
@@ -735,7 +734,10 @@ if __name__ == "__main__":
     try:  # sizes the machine cannot hold are bad input too
         flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
                             args.flow_hidden, args.shift_hidden).to(device)
-        target_flow = copy.deepcopy(flow).eval()  # the target runs in eval mode (no dropout)
+        target_flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
+                                   args.flow_hidden, args.shift_hidden).to(device)
+        target_flow.load_state_dict(flow.state_dict())
+        target_flow.eval()  # the target runs in eval mode (no dropout)
         normalizer = RunningMeanStd(obs_dim, args.obs_clip).to(device)
         rb = ReplayBuffer(args.buffer_size, N, obs_dim, act_dim, device)
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
