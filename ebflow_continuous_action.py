@@ -15,10 +15,7 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-try:  # the run lock; Windows has no fcntl, and runs there are not guarded
-    import fcntl
-except ImportError:
-    fcntl = None
+fcntl = importlib.import_module("fcntl") if os.name == "posix" else None  # run lock; not on Windows
 
 import gymnasium as gym
 import numpy as np
@@ -77,22 +74,18 @@ def fail(message: str):
 # The rule of each numeric flag of Args that is not simply positive
 RULES = {"positive": lambda x: x > 0, "non-negative": lambda x: x >= 0,
          "in (0, 1]": lambda x: 0 < x <= 1, "in [0, 1]": lambda x: 0 <= x <= 1,
-         "in [0, 2**32 - 1]": lambda x: 0 <= x < 2**32, "finite": lambda x: True}
+         "in [0, 2**32 - 1]": lambda x: 0 <= x < 2**32,  # numpy's and Gymnasium's seed range
+         "finite": lambda x: True}
 RULE_OF = {"learning_starts": "non-negative", "checkpoint_frequency": "non-negative",
-           "tau": "in (0, 1]", "gamma": "in [0, 1]",
-           "seed": "in [0, 2**32 - 1]",  # numpy's and Gymnasium's seed range
+           "tau": "in (0, 1]", "gamma": "in [0, 1]", "seed": "in [0, 2**32 - 1]",
            "sigma_min": "finite", "sigma_max": "finite"}
-FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def check_args(args: Args):
-    for field in fields(Args):
-        if field.type not in (int, float):
-            continue
+    for field in [f for f in fields(Args) if f.type in (int, float)]:
         value, rule = getattr(args, field.name), RULE_OF.get(field.name, "positive")
         flag = "--" + field.name.replace("_", "-")
-        # floats: finite (NaN would pass the `finite` rule) and within float32, the tensors' range
-        if field.type is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        if field.type is float and not (math.isfinite(value) and abs(value) <= 3.4e38):  # float32
             fail(f"{flag} must be a finite float32 number (|x| <= 3.4e38), got {value}")
         if not RULES[rule](value):
             fail(f"{flag} must be {rule}, got {value}")
@@ -110,8 +103,7 @@ def check_args(args: Args):
             fail(f"--{flag.replace('_', '-')} needs {package}: pip install {package}")
 
 
-# ---- Environment: one plain env, reset by the loop itself, so the final observation of an episode
-# is simply next_obs. MEow's flow ends in tanh: actions are rescaled to [-1, 1]^d. ---------------
+# ---- Environment: one plain env that the loop resets, so an episode's last s' is next_obs -------
 def make_env(env_id: str, video_folder: Optional[str] = None):
     """The task, checked and rescaled; with video_folder, recording every episode."""
     try:
@@ -126,21 +118,18 @@ def make_env(env_id: str, video_folder: Optional[str] = None):
     except Exception as e:
         if video_folder is None:
             raise
-        gl = os.environ.get("MUJOCO_GL", "unset")
-        fail(f"--capture-video: MuJoCo cannot render here (MUJOCO_GL={gl}, {type(e).__name__}); "
+        fail(f"--capture-video: MuJoCo cannot render here (MUJOCO_GL="
+             f"{os.environ.get('MUJOCO_GL', 'unset')}, {type(e).__name__}); "
              "headless: MUJOCO_GL=egl (GPU or Mesa's libEGL) or MUJOCO_GL=osmesa (libosmesa6)")
-    if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"MEow needs a continuous (Box) action space; {env_id} has {env.action_space}")
-    space = env.observation_space
+    space, act = env.observation_space, env.action_space
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         fail(f"this script needs a flat Box observation space; {env_id} has {space}")
-    if not np.all(np.isfinite(env.action_space.low) & np.isfinite(env.action_space.high)):
-        fail(f"{env_id} has an unbounded action space; MEow's tanh flow needs finite bounds")
-    ones = np.ones(env.action_space.shape, dtype=env.action_space.dtype)
-    env = gym.wrappers.RescaleAction(env, -ones, ones)
-    if video_folder is None:
-        return env
-    return gym.wrappers.RecordVideo(env, video_folder, lambda episode: True, disable_logger=True)
+    if not (isinstance(act, gym.spaces.Box) and np.isfinite([act.low, act.high]).all()):
+        fail(f"MEow needs a bounded continuous (Box) action space; {env_id} has {act}")
+    ones = np.ones(act.shape, dtype=act.dtype)  # MEow's flow ends in tanh: actions in [-1, 1]^d
+    env = gym.wrappers.RecordEpisodeStatistics(gym.wrappers.RescaleAction(env, -ones, ones))
+    return env if video_folder is None else gym.wrappers.RecordVideo(
+        env, video_folder, lambda episode: True, disable_logger=True)
 
 
 # ---- The EBFlow policy (paper Sec. 3.1, Eqs. 6-9; published architecture in Appendix) -------
@@ -197,11 +186,11 @@ class EBFlowPolicy(nn.Module):
         # b_1(s), b_2(s): the two learnable reward shifts (LRS + SCDQ); zero weights
         self.shift_nets = nn.ModuleList([mlp(obs_dim, shift_hidden, 1, weight_init=nn.init.zeros_)
                                          for _ in range(2)])
-        # the couplings' dropout layers: the only layers that differ between train and eval mode
         self.dropout_layers = [m for m in self.couplings.modules() if isinstance(m, nn.Dropout)]
 
     def set_dropout(self, on: bool):
-        """Dropout on (updates) or off (acting): what .train() / .eval() change here, cheaper."""
+        """Dropout on (updates) or off (acting): what .train() / .eval() change here, cheaper (the
+        couplings' dropout layers are the only layers that differ between the two modes)."""
         for layer in self.dropout_layers:
             layer.training = on
 
@@ -274,11 +263,9 @@ def soft_bellman_loss(flow, target_flow, obs, actions, rewards, next_obs, termin
 
 
 def compile_fn(fn, device):
-    """torch.compile for --compile: CUDA graphs on a GPU. On a CPU, ATen's random numbers as in
-    eager mode: the same dropout masks and noise as an eager run, and faster (docs/speed.md)."""
-    if device.type == "cpu":
+    """torch.compile: CUDA graphs on a GPU; on a CPU, eager mode's random numbers (speed.md)."""
+    if device.type == "cpu":  # the same dropout masks and noise as an eager run, and faster
         import torch._inductor.config as inductor_config  # its own name: `torch` stays global here
-
         inductor_config.fallback_random = True
     return torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None)
 
@@ -286,16 +273,15 @@ def compile_fn(fn, device):
 def make_update(flow, target_flow, args, compile=False):
     """One MEow update (paper Algorithm 1): a soft Bellman regression step, then Polyak averaging.
     Returns update(data) -> (loss, Q (B, 2), grad norm), the optimizer, and a device counter of
-    skipped (non-finite) updates. Every tensor stays on the device: no host sync per update."""
+    skipped (non-finite) updates. No host sync per update."""
     params = list(flow.parameters())
     # one Adam over all parameters; fused: one kernel per step, and it can skip a step on device
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, fused=True)
     # the target is read only for V, which needs only h(s) and b_k(s): Polyak averages just those
     online_v = [*flow.log_scale_net.parameters(), *flow.shift_nets.parameters()]
     target_v = [*target_flow.log_scale_net.parameters(), *target_flow.shift_nets.parameters()]
-    device = params[0].device
-    loss_fn = compile_fn(soft_bellman_loss, device) if compile else soft_bellman_loss
-    nonfinite_updates = torch.zeros((), device=device)
+    loss_fn = compile_fn(soft_bellman_loss, params[0].device) if compile else soft_bellman_loss
+    nonfinite_updates = torch.zeros((), device=params[0].device)
 
     def update(data):
         loss, q = loss_fn(flow, target_flow, *data, args.gamma)
@@ -342,8 +328,7 @@ class ReplayBuffer:
         return {"pos": self.pos, "size": self.size, **filled}
 
     def load_state_dict(self, state):
-        n, pos = state["size"], state["pos"]
-        cap = self.capacity
+        n, pos, cap = state["size"], state["pos"], self.capacity
         if not (0 <= pos < cap and 0 <= n <= cap and (pos == n or n == cap)):
             raise ValueError(f"buffer position {pos} and size {n} are no state of a ring of {cap}")
         for key in self.FIELDS:
@@ -360,8 +345,8 @@ ARCH_KEYS = ["sigma_min", "sigma_max", "flow_hidden", "shift_hidden"]
 # arguments a resumed run may change; every other one must equal the checkpoint's
 RESUME_MAY_CHANGE = {"total_timesteps", "resume", "checkpoint_frequency", "track", "wandb_entity",
                      "wandb_project_name", "capture_video", "save_model", "cuda", "compile",
-                     "log_frequency", "eval_checkpoint", "exp_name", "run_name",
-                     "max_nonfinite_updates", "eval_stochastic"}
+                     "log_frequency", "eval_checkpoint", "exp_name", "run_name", "eval_stochastic",
+                     "max_nonfinite_updates"}
 
 
 def save_atomic(obj, path):
@@ -374,10 +359,9 @@ def save_atomic(obj, path):
 
 
 def model_checkpoint(flow, args, obs_dim, act_dim, step):
-    arch = {k: getattr(args, k) for k in ARCH_KEYS}
     return {"format": CHECKPOINT_FORMAT, "env_id": args.env_id, "obs_dim": obs_dim,
-            "act_dim": act_dim, "alpha": args.alpha, "arch": arch, "global_step": step,
-            "model": flow.state_dict()}
+            "act_dim": act_dim, "alpha": args.alpha, "global_step": step,
+            "arch": {k: getattr(args, k) for k in ARCH_KEYS}, "model": flow.state_dict()}
 
 
 def load_checkpoint(path, args=None):
@@ -416,8 +400,7 @@ def load_checkpoint(path, args=None):
 def evaluate(flow, env, episodes, seed, device, stochastic=False):
     """Returns of `episodes` episodes seeded seed, seed+1, ..., without dropout: deterministic
     actions (u = 0, paper Sec. 3.3) or sampled ones, whose noise has a generator of its own."""
-    was_training = flow.training
-    flow.eval()
+    flow.set_dropout(False)
     noise = torch.Generator(device).manual_seed(seed) if stochastic else None
     returns = []
     for ep in range(episodes):
@@ -432,7 +415,7 @@ def evaluate(flow, env, episodes, seed, device, stochastic=False):
             episodic_return += float(reward)
             done = terminated or truncated
         returns.append(episodic_return)
-    flow.train(was_training)
+    flow.set_dropout(True)
     return returns
 
 
@@ -460,10 +443,9 @@ if __name__ == "__main__":
     if args.eval_checkpoint is not None:  # evaluate a saved model or checkpoint; nothing is trained
         ckpt, flow = load_checkpoint(args.eval_checkpoint)
         env = make_env(ckpt["env_id"], "videos/eval_checkpoint" if args.capture_video else None)
-        for stochastic in [False, True] if args.eval_stochastic else [False]:
-            returns = evaluate(flow.to(device), env, args.eval_episodes, args.seed, device,
-                               stochastic)
-            print(f"{ckpt['env_id']}: {'stochastic' if stochastic else 'deterministic'} return "
+        for sampled in [False, True] if args.eval_stochastic else [False]:
+            returns = evaluate(flow.to(device), env, args.eval_episodes, args.seed, device, sampled)
+            print(f"{ckpt['env_id']}: {'stochastic' if sampled else 'deterministic'} return "
                   f"{np.mean(returns):.1f} +- {np.std(returns):.1f} over {len(returns)} episodes "
                   f"(checkpoint step {ckpt['global_step']})")
         sys.exit(env.close())
@@ -483,17 +465,15 @@ if __name__ == "__main__":
 
     # ---- Networks: one EBFlow is policy and critic; a target copy gives Vbar ---------------
     try:  # sizes the machine cannot hold are bad input too
-        flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
-                            args.flow_hidden, args.shift_hidden).to(device)
-        target_flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
-                                   args.flow_hidden, args.shift_hidden).to(device)
+        flow, target_flow = [EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min,
+                                          args.sigma_max, args.flow_hidden, args.shift_hidden)
+                             .to(device) for _ in range(2)]  # the online flow, then the target
         target_flow.load_state_dict(flow.state_dict())
         target_flow.eval()  # the target runs in eval mode (no dropout)
         rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device)
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        fail(f"cannot allocate the networks and the replay buffer on {device} (--buffer-size "
-             f"{args.buffer_size}, --flow-hidden {args.flow_hidden}, --shift-hidden "
-             f"{args.shift_hidden}): {str(e).splitlines()[0]}")
+        fail(f"cannot allocate the networks and the replay buffer on {device}: try a smaller "
+             f"--buffer-size or --flow-hidden/--shift-hidden ({str(e).splitlines()[0]})")
     update, optimizer, nonfinite_updates = make_update(flow, target_flow, args, args.compile)
     act_fn = compile_fn(flow.sample, device) if args.compile else flow.sample  # a ~ pi(.|s)
 
@@ -512,38 +492,32 @@ if __name__ == "__main__":
             set_rng_state(ts["rng"], env)
         except Exception as e:  # whatever torch or numpy raises on a damaged entry
             fail(f"checkpoint does not fit this run ({type(e).__name__}: {str(e)[:200]})")
-        print(f"resumed {run_name} at step {start_step} (buffer {rb.size} transitions); "
-              "the environment starts a fresh episode")
+        print(f"resumed {run_name} at step {start_step}; the environment starts a fresh episode")
 
-    # ---- Logging: only now is anything written ---------------------------------------------
+    # ---- Logging: only now is anything written (purge_step: drop events after the checkpoint)
     run_dir = f"runs/{run_name}"
     os.makedirs(run_dir, exist_ok=True)
     run_lock = open(os.path.join(run_dir, "train.lock"), "a+")  # one trainer per run (not Windows)
     try:  # the kernel drops the lock however the process ends
-        if fcntl is not None:
-            fcntl.flock(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl else None
     except BlockingIOError:
         run_lock.seek(0)
         fail(f"{run_dir} is being trained by another process ({run_lock.read().strip()[:100]})")
     run_lock.truncate(0)
-    run_lock.write(f"pid {os.getpid()} on {platform.node()}\n")
-    run_lock.flush()
+    print(f"pid {os.getpid()} on {platform.node()}", file=run_lock, flush=True)
     if args.track:
         import wandb
-
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, monitor_gym=True, save_code=True, id=run_name,
                    resume="allow")
-    # purge_step hides events a killed run logged after its last checkpoint
-    writer = SummaryWriter(run_dir, purge_step=start_step if resume_ckpt is not None else None)
+    writer = SummaryWriter(run_dir, purge_step=start_step if resume_ckpt else None)
     if resume_ckpt is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n"
                         + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    # the software versions, at every start: a resumed run may run on other versions
     versions = ", ".join([f"python {platform.python_version()}"] + [f"{m.__name__} {m.__version__}"
                          for m in [torch, gym, np, sys.modules.get("mujoco")] if m is not None])
     print(f"versions: {versions}", flush=True)
-    writer.add_text("versions", versions, start_step)
+    writer.add_text("versions", versions, start_step)  # at every start: a resume may use others
 
     def write_checkpoint(step):
         ckpt = model_checkpoint(flow, args, obs_dim, act_dim, step)
@@ -556,19 +530,17 @@ if __name__ == "__main__":
 
     # ---- Training loop ------------------------------------------------------------------------
     start_time = time.time()
-    needs_reset, episodic_return, episodic_length = True, 0.0, 0
+    needs_reset = True
     for global_step in range(start_step, args.total_timesteps):
         if needs_reset:  # first step, after an episode ended, and after a resume
             obs, _ = env.reset(seed=args.seed if global_step == 0 else None)
-            episodic_return, episodic_length, needs_reset = 0.0, 0, False
 
         # ALGO LOGIC: act. Uniform random actions before learning_starts, then a ~ pi(.|s)
         if global_step < args.learning_starts:
             action = env.action_space.sample()
         else:
             flow.set_dropout(False)  # acting: no dropout
-            # no_grad, not inference_mode: CUDA-graph trees fail on parameters first captured under
-            # inference_mode, then trained (pytorch/pytorch#135892)
+            # no_grad: CUDA-graph trees fail on parameters captured under inference_mode (#135892)
             with torch.no_grad():
                 action = act_fn(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
             action = action[0].cpu().numpy()
@@ -577,24 +549,21 @@ if __name__ == "__main__":
         next_obs, reward, terminated, truncated, info = env.step(action)
         # Terminations cut the bootstrap, truncations do not: next_obs is the true s' in both cases
         rb.add(obs, action, reward, next_obs, terminated)
-        obs = next_obs
-        episodic_return += float(reward)
-        episodic_length += 1
-        if terminated or truncated:
-            last_return, needs_reset = episodic_return, True
-            writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-            writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+        obs, needs_reset = next_obs, terminated or truncated
+        if "episode" in info:  # at an episode's end: its return and length
+            last_return = float(info["episode"]["r"])
+            writer.add_scalar("charts/episodic_return", last_return, global_step)
+            writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), global_step)
 
         # ALGO LOGIC: training. One soft Bellman regression step per environment step
         if global_step > args.learning_starts:
             loss, q, grad_norm = update(rb.sample(args.batch_size))
             if global_step % args.log_frequency == 0:  # the only host syncs of the update
                 skipped = int(nonfinite_updates)
-                writer.add_scalar("losses/qf_loss", loss.item(), global_step)
-                writer.add_scalar("losses/qf1_values", q[:, 0].mean().item(), global_step)
-                writer.add_scalar("losses/qf2_values", q[:, 1].mean().item(), global_step)
-                writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-                writer.add_scalar("losses/nonfinite_updates", skipped, global_step)
+                for key, value in [("qf_loss", loss), ("qf1_values", q[:, 0].mean()),
+                                   ("qf2_values", q[:, 1].mean()), ("grad_norm", grad_norm),
+                                   ("nonfinite_updates", skipped)]:
+                    writer.add_scalar(f"losses/{key}", float(value), global_step)
                 if skipped >= args.max_nonfinite_updates:
                     writer.close()
                     fail(f"{skipped} updates had a non-finite loss or gradient (each skipped); "
@@ -627,7 +596,5 @@ if __name__ == "__main__":
         path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         save_atomic(model_checkpoint(flow, args, obs_dim, act_dim, args.total_timesteps), path)
         print(f"model saved to {path}; evaluate it with --eval-checkpoint {path}")
-    env.close()
-    eval_env.close()
-    writer.close()
-    run_lock.close()  # another process may resume the run from here on
+    for resource in [env, eval_env, writer, run_lock]:  # then another process may resume the run
+        resource.close()

@@ -1,11 +1,9 @@
-# MEow on vectorized simulators (Isaac Gym), in one file: Chao et al., NeurIPS 2024
-# paper: https://arxiv.org/abs/2405.13629
-# The same EBFlow policy and soft Bellman loss as ebflow_continuous_action.py (duplicated on
-# purpose: each script stands alone); what changes is vectorization: N environments step at once,
-# every tensor lives on the device, the replay buffer holds N transitions per vector step,
-# observations are standardised by running statistics, and one gradient step follows each vector
-# step. Backends: `isaacgym` (Isaac Gym Preview 4, GPU), `isaaclab` (Isaac Lab 3.0), `gymnasium`
-# (any Gymnasium continuous-control task as a vector env; runs on a CPU, and in the tests).
+# MEow on vectorized simulators: Chao et al., NeurIPS 2024 (paper: https://arxiv.org/abs/2405.13629)
+# The EBFlow policy and soft Bellman loss of ebflow_continuous_action.py (duplicated on purpose:
+# each script stands alone), vectorized: N envs step at once, every tensor lives on the device, the
+# buffer holds N transitions per vector step, observations are standardised, and one gradient step
+# follows each vector step. Backends: isaacgym (Isaac Gym Preview 4), isaaclab (Isaac Lab 3.0),
+# playground (MuJoCo Playground, on JAX), gymnasium (any Gymnasium task as a vector env, on a CPU).
 import importlib.util
 import math
 import os
@@ -23,10 +21,7 @@ try:  # Isaac Gym must be imported before torch
 except ImportError:
     isaacgymenvs = None
 
-try:  # the run lock; Windows has no fcntl, and runs there are not guarded
-    import fcntl
-except ImportError:
-    fcntl = None
+fcntl = importlib.import_module("fcntl") if os.name == "posix" else None  # run lock; not on Windows
 
 import gymnasium as gym
 import numpy as np
@@ -53,12 +48,11 @@ class Args:
     log_frequency: int = 100  # log and print progress every N vector steps
 
     # Environment
-    backend: Literal["isaacgym", "isaaclab", "gymnasium"] = "isaacgym"  # the simulator
-    env_id: str = "Ant"  # IsaacGymEnvs task (Ant), Isaac Lab task (Isaac-Ant) or Gymnasium id
+    backend: Literal["isaacgym", "isaaclab", "playground", "gymnasium"] = "isaacgym"  # simulator
+    env_id: str = "Ant"  # task: Ant (Isaac Gym), Isaac-Ant, CartpoleSwingup (Playground), Ant-v4
     num_envs: int = 128  # the number of parallel environments
     sim_device: str = "cuda:0"  # the simulation device of Isaac Gym or Isaac Lab
     physics: Literal["newton", "physx"] = "newton"  # Isaac Lab: newton (kit-less) or physx (Kit)
-    graphics_device_id: int = 0  # Isaac Gym's graphics device (rendering is off: headless)
 
     # Algorithm specific arguments (defaults: the paper's Isaac Gym Ant settings)
     total_timesteps: int = 128_000_000  # total transitions over all envs (paper: 1M x 128 envs)
@@ -80,34 +74,31 @@ class Args:
     max_nonfinite_updates: int = 100  # stop once this many updates had a non-finite loss (skipped)
 
 
-def fail(message: str):
-    """Bad input: one line on stderr (control characters escaped) and exit 2, nothing written."""
+def fail(message: str, close=None):
+    """Bad input: one line on stderr (control characters escaped) and exit 2, nothing written;
+    after close(SystemExit(2)) if given (Kit, launched by Isaac Lab, exits inside it)."""
     line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
     print(f"error: {line}", file=sys.stderr)
+    if close is not None:
+        close(SystemExit(2))
     sys.exit(2)
 
 
 # The rule of each numeric flag of Args that is not simply positive
 RULES = {"positive": lambda x: x > 0, "non-negative": lambda x: x >= 0,
          "in (0, 1]": lambda x: 0 < x <= 1, "in [0, 1]": lambda x: 0 <= x <= 1,
-         "in [0, 2**32 - 1]": lambda x: 0 <= x < 2**32, "finite": lambda x: True,
-         "a device id or -1 (none)": lambda x: x >= -1}
+         "in [0, 2**32 - 1]": lambda x: 0 <= x < 2**32,  # numpy's and Gymnasium's seed range
+         "finite": lambda x: True}
 RULE_OF = {"learning_starts": "non-negative", "checkpoint_frequency": "non-negative",
-           "tau": "in (0, 1]", "gamma": "in [0, 1]",
-           "seed": "in [0, 2**32 - 1]",  # numpy's and Gymnasium's seed range
-           "sigma_min": "finite", "sigma_max": "finite",
-           "graphics_device_id": "a device id or -1 (none)"}
-FLOAT32_MAX = torch.finfo(torch.float32).max
+           "tau": "in (0, 1]", "gamma": "in [0, 1]", "seed": "in [0, 2**32 - 1]",
+           "sigma_min": "finite", "sigma_max": "finite"}
 
 
 def check_args(args: Args):
-    for field in fields(Args):
-        if field.type not in (int, float):
-            continue
+    for field in [f for f in fields(Args) if f.type in (int, float)]:
         value, rule = getattr(args, field.name), RULE_OF.get(field.name, "positive")
         flag = "--" + field.name.replace("_", "-")
-        # floats: finite (NaN would pass the `finite` rule) and within float32, the tensors' range
-        if field.type is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        if field.type is float and not (math.isfinite(value) and abs(value) <= 3.4e38):  # float32
             fail(f"{flag} must be a finite float32 number (|x| <= 3.4e38), got {value}")
         if not RULES[rule](value):
             fail(f"{flag} must be {rule}, got {value}")
@@ -123,53 +114,43 @@ def check_args(args: Args):
         fail("--track needs wandb: pip install wandb")
 
 
-# ---- Environments: thin adapters with one batched-tensor contract, so one loop serves all.
-# step(actions (N, d) in [-1, 1]) returns tensors on the device that the caller owns (copies:
-# nothing aliases a buffer the simulator overwrites in the next step):
+# ---- Environments: thin adapters with one contract, so one loop serves all. step(actions (N, d)
+# in [-1, 1]) returns tensors on the device that the caller owns (the simulator rewrites none):
 #   next_obs (N, obs_dim)   the observation to act on next (a new episode's first after a reset)
 #   real_next_obs           the true successor s' of this transition (the final one at an end)
 #   rewards (N,), terminated (N,) (cuts the bootstrap), truncated (N,) (time-out: bootstraps)
 #   valid (N,)              0 for a transition that spans two episodes (never learned from)
-# reset(seed) starts fresh episodes in every env and returns the observation to act on; it is only
-# fed to the policy, never to the normaliser (Isaac Gym's is a stale buffer of zeros). An episode's
-# return sums all its rewards, `valid` or not. one_per_process: the simulator allows one instance
-# per process, so evaluation runs on the training envs; otherwise on fresh envs of its own.
+# reset(seed) starts fresh episodes and returns the observation to act on (never fed to the
+# normaliser: Isaac Gym's is stale zeros). An episode's return sums all its rewards, valid or not.
+# one_per_process: one simulation per process, so evaluation runs on the training envs.
 class GymnasiumVecEnv:
     """Any Gymnasium continuous-control task as a synchronous vector env (CPU)."""
 
     one_per_process = False
 
-    def __init__(self, env_id, num_envs, seed, device):
+    def __init__(self, env_id, num_envs, seed, args, device):
         try:
             probe = gym.make(env_id)  # unknown ids fail here, before the vector env is built
         except gym.error.Error as e:
             fail(f"cannot make environment {env_id!r}: {e}")
-        space = probe.action_space
+        act = probe.action_space
         probe.close()
-        if not isinstance(space, gym.spaces.Box):
-            fail(f"MEow needs a continuous (Box) action space; {env_id} has {space}")
-        if not np.all(np.isfinite(space.low) & np.isfinite(space.high)):
-            fail(f"{env_id} has an unbounded action space; MEow's tanh flow needs finite bounds")
-        ones = np.ones(space.shape, dtype=space.dtype)
-        # SAME_STEP autoreset: a finished env is reset inside step(), its final observation in
-        # info["final_obs"], so every transition stays inside one episode
-        SAME_STEP = gym.vector.AutoresetMode.SAME_STEP
-        self.envs = gym.make_vec(env_id, num_envs, vectorization_mode="sync",
-                                 vector_kwargs={"autoreset_mode": SAME_STEP},
+        if not (isinstance(act, gym.spaces.Box) and np.isfinite([act.low, act.high]).all()):
+            fail(f"MEow needs a bounded continuous (Box) action space; {env_id} has {act}")
+        ones = np.ones(act.shape, dtype=act.dtype)  # MEow's flow ends in tanh: actions in [-1, 1]^d
+        # SAME_STEP: a finished env is reset inside step(), its final observation in info
+        self.envs = gym.make_vec(env_id, num_envs, vectorization_mode="sync", vector_kwargs={
+                                 "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
                                  wrappers=[lambda e: gym.wrappers.RescaleAction(e, -ones, ones)])
         self.num_envs, self.device = num_envs, device
         self.obs_dim = self.envs.single_observation_space.shape[0]
         self.act_dim = self.envs.single_action_space.shape[0]
-        self.envs.action_space.seed(seed)
 
     def tensor(self, x):
         return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=self.device)
 
     def reset(self, seed=None):
         return self.tensor(self.envs.reset(seed=seed)[0])
-
-    def random_actions(self):
-        return self.tensor(self.envs.action_space.sample())
 
     def step(self, actions):
         obs, rewards, terminated, truncated, info = self.envs.step(actions.cpu().numpy())
@@ -184,11 +165,10 @@ class GymnasiumVecEnv:
 
 
 class IsaacGymVecEnv:
-    """Isaac Gym Preview 4 through IsaacGymEnvs (tasks/base/vec_task.py): reset() returns the
-    observation buffer (zeros before the first step) and the first step() resets every env; a
-    finished env is reset during the *next* step, so the observation returned with done is the true
-    final one and the next transition spans the reset. step() returns the task's own rew_buf and
-    reset_buf, which the following step overwrites in place."""
+    """Isaac Gym Preview 4 through IsaacGymEnvs (tasks/base/vec_task.py): reset() returns the obs
+    buffer (zeros before the first step) and the first step() resets every env; a finished env is
+    reset during the *next* step, so the observation returned with done is the true final one and
+    the next transition spans the reset. rew_buf and reset_buf are overwritten by the next step."""
 
     one_per_process = True  # vec_task.py creates the simulation once per process (_create_sim_once)
 
@@ -198,8 +178,7 @@ class IsaacGymVecEnv:
                  "isaacgym/python` and IsaacGymEnvs; or run a Gymnasium task: --backend gymnasium")
         # make()'s seed seeds nothing: the caller seeds torch before this (seed_everything)
         self.envs = isaacgymenvs.make(seed=seed, task=task, num_envs=num_envs, headless=True,
-                                      sim_device=args.sim_device, rl_device=str(device),
-                                      graphics_device_id=args.graphics_device_id)
+                                      sim_device=args.sim_device, rl_device=str(device))
         self.num_envs, self.device = num_envs, device
         self.obs_dim = self.envs.observation_space.shape[0]
         self.act_dim = self.envs.action_space.shape[0]
@@ -210,17 +189,13 @@ class IsaacGymVecEnv:
         self.prev_done.fill_(True)  # the first step resets every env: no transition
         return self.envs.reset()["obs"].to(torch.float32, copy=True)
 
-    def random_actions(self):
-        return torch.rand(self.num_envs, self.act_dim, device=self.device) * 2 - 1
-
     def step(self, actions):
         obs_dict, rewards, dones, infos = self.envs.step(actions)
         obs = obs_dict["obs"].to(torch.float32, copy=True)
         rewards = rewards.to(torch.float32, copy=True)  # the task's rew_buf, rewritten next step
         dones = dones.to(torch.bool, copy=True)  # the task's reset_buf, likewise
         time_outs = infos["time_outs"].to(torch.bool, copy=True)
-        valid = (~self.prev_done).float()
-        self.prev_done = dones
+        valid, self.prev_done = (~self.prev_done).float(), dones
         return obs, obs, rewards, (dones & ~time_outs).float(), time_outs.float(), valid
 
     def close(self):
@@ -234,10 +209,9 @@ PHYSICS_PRESETS = {"newton": "newton_mjwarp", "physx": "isaacsim_physx"}  # Isaa
 
 
 class IsaacLabVecEnv:
-    """Isaac Lab 3.0: a manager-based or direct RL task on the GPU that resets finished envs inside
-    step(), on Newton (kit-less, the default) or Isaac Sim PhysX (through Kit). API as in the
-    isaaclab 3.0.0 wheel: isaaclab/app/sim_launcher.py (launch_simulation), isaaclab_tasks/utils/
-    parse_cfg.py, isaaclab/envs/manager_based_rl_env.py and direct_rl_env.py."""
+    """Isaac Lab 3.0: a manager-based or direct RL task that resets finished envs inside step(), on
+    Newton (kit-less, the default) or Isaac Sim PhysX (in Kit). API of the isaaclab 3.0.0 wheel:
+    app/sim_launcher.py, isaaclab_tasks/utils/parse_cfg.py, envs/{manager_based,direct}_rl_env.py"""
 
     one_per_process = True  # one SimulationContext per process: a second env raises
 
@@ -271,40 +245,26 @@ class IsaacLabVecEnv:
         unwrapped = self.envs.unwrapped
         obs_space = unwrapped.single_observation_space["policy"]
         act_space = unwrapped.single_action_space
-        if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-            self.fail(f"MEow needs a flat 'policy' observation vector; {task} has {obs_space}")
-        if not isinstance(act_space, gym.spaces.Box):
-            self.fail(f"MEow needs a continuous (Box) action space; {task} has {act_space}")
-        # unbounded action space: actions in [-1, 1] go as they are, the task scales them
+        # an unbounded action space is fine: actions in [-1, 1] go as they are, the task scales them
+        if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1
+                and isinstance(act_space, gym.spaces.Box)):
+            fail(f"MEow needs a flat 'policy' observation vector and a continuous (Box) action "
+                 f"space; {task} has {obs_space} and {act_space}", close=self.close)
         # a finite-horizon task's time limit is part of the task (Isaac Lab does not bootstrap it)
         self.time_limit_is_terminal = unwrapped.cfg.is_finite_horizon
         self.num_envs, self.device = num_envs, device
         self.obs_dim, self.act_dim = obs_space.shape[0], act_space.shape[0]
 
-    def fail(self, message):
-        """Bad input once launched: the one-line error, then close with exit status 2 (Kit too)."""
-        try:
-            fail(message)
-        except SystemExit as e:
-            self.close(e)
-            raise
-
     def policy_obs(self, obs):
         return obs["policy"].to(self.device, torch.float32, copy=True)  # (N, obs_dim)
 
     def reset(self, seed=None):
-        # seeded when built (env_cfg.seed): reset(seed=...) would reseed Python, NumPy and torch
-        # globally, over the random state a resumed run has restored
-        obs, _ = self.envs.reset()
-        return self.policy_obs(obs)
-
-    def random_actions(self):
-        return torch.rand(self.num_envs, self.act_dim, device=self.device) * 2 - 1
+        # seeded when built: reset(seed=...) would reseed Python, NumPy and torch over a resume's
+        return self.policy_obs(self.envs.reset()[0])
 
     def step(self, actions):
         obs, rewards, terminated, truncated, extras = self.envs.step(actions)
-        # terminated, truncated (and a manager-based task's rewards) are the env's own buffers,
-        # rewritten in place by the next step: copied. Both can be set; termination wins
+        # the env's own buffers, rewritten in place by the next step: copied. Termination wins
         next_obs = self.policy_obs(obs)
         rewards = rewards.to(self.device, torch.float32, copy=True)
         terminated = terminated.to(self.device, torch.bool, copy=True)
@@ -327,13 +287,82 @@ class IsaacLabVecEnv:
         self.launch.__exit__(type(status) if status else None, status, None)
 
 
+class PlaygroundVecEnv:
+    """MuJoCo Playground's DM Control Suite tasks (playground 0.2.0; MJX on JAX's default device):
+    jitted, vmapped reset and step; the time limit and an auto-reset that keeps s' are ours."""
+
+    one_per_process = False  # an env is a pure function: evaluation gets fresh envs of its own
+
+    def __init__(self, task, num_envs, seed, args, device):
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
+        try:
+            import jax
+            import jax.numpy as jnp
+            from mujoco_playground import dm_control_suite as suite
+        except ImportError:
+            fail("MuJoCo Playground is not installed: "
+                 "pip install -r tests/requirements-playground.txt")
+        if task not in suite.ALL_ENVS:
+            fail(f"--backend playground runs the DM Control Suite tasks; {task!r} is none of: "
+                 + ", ".join(suite.ALL_ENVS))
+        try:  # impl "jax": the default, "warp", needs warp-lang and a GPU. Every task's observation
+            # is a flat vector and its controls lie in [-1, 1] (checked for playground 0.2.0)
+            self.env = env = suite.load(task, config_overrides={"impl": "jax"})
+        except (AttributeError, KeyError, ValueError) as e:  # Reacher*: no MjSpec.find_body in 3.17
+            fail(f"cannot make Playground task {task!r}: "
+                 f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        self.num_envs, self.device = num_envs, device
+        self.obs_dim, self.act_dim = env.observation_size, env.action_size
+        jax_device = jax.devices()[0]  # and torch's device of its memory: zero-copy DLPack there
+        self.via = torch.device("cuda" if jax_device.platform == "gpu" else "cpu", jax_device.id)
+
+        def reset(key):  # (states, step counts, the key for later resets)
+            keys = jax.random.split(key, num_envs + 1)
+            return jax.vmap(env.reset)(keys[1:]), jnp.zeros(num_envs, jnp.int32), keys[0]
+
+        def step(state, t, key, actions, limit):  # limit an argument: one program for every length
+            nxt, t = jax.vmap(env.step)(state, actions), t + 1
+            # a NaN state (DM Control's only `done`) ends its episode and is never learned from
+            bad = (nxt.done > 0) | ~jnp.isfinite(nxt.reward) | ~jnp.isfinite(nxt.obs).all(axis=1)
+            truncated = (t >= limit) & ~bad  # Playground never ends an episode by time: we do
+            done = bad | truncated
+
+            def restart(key):  # fresh episodes in the done envs; the others keep their state
+                fresh, _, key = reset(key)
+                return jax.tree.map(lambda a, b: jax.vmap(jnp.where)(done, a, b), fresh, nxt), key
+
+            state, key = jax.lax.cond(done.any(), restart, lambda key: (nxt, key), key)
+            # one new buffer: next_obs, real_next_obs, reward, terminated, truncated, valid
+            flags = jnp.stack([jnp.where(bad, 0.0, nxt.reward), bad, truncated, ~bad], axis=1)
+            out = jnp.concatenate([state.obs, jnp.where(bad[:, None], 0.0, nxt.obs), flags], axis=1)
+            return state, jnp.where(done, 0, t), key, out.astype(jnp.float32)
+
+        self.jit_reset, self.jit_step, self.to_jax = jax.jit(reset), jax.jit(step), jnp.from_dlpack
+        # keys on JAX's device, as DLPack's actions are (else step() compiles twice)
+        self.key_of = lambda s: jax.device_put(jax.random.PRNGKey(s), jax_device)
+        self.limit, self.key = int(env._config.episode_length), self.key_of(seed)
+
+    def reset(self, seed=None):
+        key = self.key if seed is None else self.key_of(seed)
+        self.state, self.t, self.key = self.jit_reset(key)
+        return torch.from_dlpack(self.state.obs).to(self.device, torch.float32, copy=True)
+
+    def step(self, actions):
+        actions = self.to_jax(actions.detach().to(self.via, torch.float32).contiguous())
+        self.state, self.t, self.key, out = self.jit_step(self.state, self.t, self.key, actions,
+                                                          self.limit)
+        out, d = torch.from_dlpack(out).to(self.device), self.obs_dim  # a new buffer: the caller's
+        return (out[:, :d], out[:, d:2 * d], *out[:, 2 * d:].unbind(1))
+
+    def close(self):
+        self.state = None
+
+
 def make_env(args, device, num_envs=None, seed=None):
-    num_envs, seed = num_envs or args.num_envs, args.seed if seed is None else seed
-    if args.backend == "isaacgym":
-        return IsaacGymVecEnv(args.env_id, num_envs, seed, args, device)
-    if args.backend == "isaaclab":
-        return IsaacLabVecEnv(args.env_id, num_envs, seed, args, device)
-    return GymnasiumVecEnv(args.env_id, num_envs, seed, device)
+    backend = {"isaacgym": IsaacGymVecEnv, "isaaclab": IsaacLabVecEnv,
+               "playground": PlaygroundVecEnv, "gymnasium": GymnasiumVecEnv}[args.backend]
+    return backend(args.env_id, num_envs or args.num_envs, args.seed if seed is None else seed,
+                   args, device)
 
 
 # ---- Observation standardisation by running mean and variance (as the paper's Isaac runs) ------
@@ -415,11 +444,11 @@ class EBFlowPolicy(nn.Module):
         # b_1(s), b_2(s): the two learnable reward shifts (LRS + SCDQ); zero weights
         self.shift_nets = nn.ModuleList([mlp(obs_dim, shift_hidden, 1, weight_init=nn.init.zeros_)
                                          for _ in range(2)])
-        # the couplings' dropout layers: the only layers that differ between train and eval mode
         self.dropout_layers = [m for m in self.couplings.modules() if isinstance(m, nn.Dropout)]
 
     def set_dropout(self, on: bool):
-        """Dropout on (updates) or off (acting): what .train() / .eval() change here, cheaper."""
+        """Dropout on (updates) or off (acting): what .train() / .eval() change here, cheaper (the
+        couplings' dropout layers are the only layers that differ between the two modes)."""
         for layer in self.dropout_layers:
             layer.training = on
 
@@ -494,11 +523,9 @@ def soft_bellman_loss(flow, target_flow, obs, actions, rewards, next_obs, termin
 
 
 def compile_fn(fn, device):
-    """torch.compile for --compile: CUDA graphs on a GPU. On a CPU, ATen's random numbers as in
-    eager mode: the same dropout masks and noise as an eager run, and faster (docs/speed.md)."""
-    if device.type == "cpu":
+    """torch.compile: CUDA graphs on a GPU; on a CPU, eager mode's random numbers (speed.md)."""
+    if device.type == "cpu":  # the same dropout masks and noise as an eager run, and faster
         import torch._inductor.config as inductor_config  # its own name: `torch` stays global here
-
         inductor_config.fallback_random = True
     return torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None)
 
@@ -506,16 +533,15 @@ def compile_fn(fn, device):
 def make_update(flow, target_flow, args, compile=False):
     """One MEow update (paper Algorithm 1): a soft Bellman regression step, then Polyak averaging.
     Returns update(data) -> (loss, Q (B, 2), grad norm), the optimizer, and a device counter of
-    skipped (non-finite) updates. Every tensor stays on the device: no host sync per update."""
+    skipped (non-finite) updates. No host sync per update."""
     params = list(flow.parameters())
     # one Adam over all parameters; fused: one kernel per step, and it can skip a step on device
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, fused=True)
     # the target is read only for V, which needs only h(s) and b_k(s): Polyak averages just those
     online_v = [*flow.log_scale_net.parameters(), *flow.shift_nets.parameters()]
     target_v = [*target_flow.log_scale_net.parameters(), *target_flow.shift_nets.parameters()]
-    device = params[0].device
-    loss_fn = compile_fn(soft_bellman_loss, device) if compile else soft_bellman_loss
-    nonfinite_updates = torch.zeros((), device=device)
+    loss_fn = compile_fn(soft_bellman_loss, params[0].device) if compile else soft_bellman_loss
+    nonfinite_updates = torch.zeros((), device=params[0].device)
 
     def update(data):
         loss, q = loss_fn(flow, target_flow, *data, args.gamma)
@@ -582,8 +608,7 @@ ARCH_KEYS = ["sigma_min", "sigma_max", "flow_hidden", "shift_hidden"]
 # arguments a resumed run may change; every other one must equal the checkpoint's
 RESUME_MAY_CHANGE = {"total_timesteps", "resume", "checkpoint_frequency", "track", "wandb_entity",
                      "wandb_project_name", "save_model", "cuda", "compile", "log_frequency",
-                     "eval_checkpoint", "exp_name", "max_nonfinite_updates", "sim_device",
-                     "graphics_device_id"}
+                     "eval_checkpoint", "exp_name", "max_nonfinite_updates", "sim_device"}
 
 
 def save_atomic(obj, path):
@@ -596,9 +621,9 @@ def save_atomic(obj, path):
 
 
 def model_checkpoint(flow, normalizer, args, obs_dim, act_dim, step):
-    arch = {k: getattr(args, k) for k in ARCH_KEYS}
     return {"format": CHECKPOINT_FORMAT, "backend": args.backend, "env_id": args.env_id,
-            "obs_dim": obs_dim, "act_dim": act_dim, "alpha": args.alpha, "arch": arch,
+            "obs_dim": obs_dim, "act_dim": act_dim, "alpha": args.alpha,
+            "arch": {k: getattr(args, k) for k in ARCH_KEYS},
             "obs_clip": args.obs_clip, "global_step": step, "model": flow.state_dict(),
             "obs_normalizer": normalizer.state_dict()}
 
@@ -639,29 +664,23 @@ def load_checkpoint(path, args=None):
 
 
 EVAL_RULE = ("deterministic actions (u = 0); in env i, episode j (j = 0, 1, ...; only episodes "
-             "that begin during the evaluation, after a reset or after an episode end) counts if "
-             "j * num_envs + i < eval_episodes: with eval_episodes <= num_envs, one complete "
-             "episode from each of the first eval_episodes envs")
+             "that begin during the evaluation) counts if j * num_envs + i < eval_episodes: with "
+             "eval_episodes <= num_envs, one complete episode from each of the first envs")
 
 
-def evaluate(flow, normalizer, env, episodes, obs=None, seed=0, max_steps=100_000):
-    """(mean return, episodes counted, last observation) over the episodes EVAL_RULE fixes before
-    any is played (short ones are not favoured). obs=None: reset with `seed`; else the envs are in
-    mid-episode (the training envs), and the episodes in progress are played out, not counted."""
-    was_training = flow.training
-    flow.eval()
+def evaluate(flow, normalizer, env, episodes, obs=None, seed=0):
+    """(mean return, episodes counted, last obs) over the episodes EVAL_RULE fixes beforehand (short
+    ones are not favoured). obs=None: reset with seed; else (training envs) play out, uncounted."""
+    flow.set_dropout(False)
     started = torch.full((env.num_envs,), obs is None, dtype=torch.bool)  # in an episode begun here
-    if obs is None:
-        obs = env.reset(seed=seed)
+    obs = env.reset(seed=seed) if obs is None else obs
     started = started.to(obs.device)
     env_index = torch.arange(env.num_envs, device=obs.device)
     # how many episodes each env counts: #{j >= 0: j * N + i < episodes}
     to_count = ((episodes - 1 - env_index) // env.num_envs + 1).clamp(min=0)
     ep_return = torch.zeros(env.num_envs, device=obs.device)
     returns = []
-    for _ in range(max_steps):
-        if to_count.sum() == 0:
-            break
+    while to_count.sum() > 0:  # every backend ends its episodes (a time limit at least)
         with torch.inference_mode():
             action = flow.deterministic_action(normalizer(obs))
         obs, _, rewards, terminated, truncated, _ = env.step(action)
@@ -672,13 +691,12 @@ def evaluate(flow, normalizer, env, episodes, obs=None, seed=0, max_steps=100_00
         to_count -= counted.long()
         started |= done  # the step after an end begins the env's next episode
         ep_return[done] = 0.0
-    flow.train(was_training)
+    flow.set_dropout(True)
     return float(np.mean(returns)) if returns else float("nan"), len(returns), obs
 
 
 def seed_everything(seed, torch_deterministic=True):
-    """Seed Python, numpy and torch before any env is built: isaacgymenvs.make(seed=) seeds nothing,
-    and its tasks draw reset noise from torch."""
+    """Seed Python, numpy and torch before any env is built (Isaac Gym's tasks use torch's)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -686,17 +704,12 @@ def seed_everything(seed, torch_deterministic=True):
 
 
 def rng_state():
-    """Python's, numpy's and torch's random states as plain data (not the vector envs')."""
-    numpy_state = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": {"state": numpy_state[1].tolist(), "rest": list(numpy_state[2:])},
+    """The random states training draws from: torch's (dropout, noise, batches, random actions)."""
+    return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    numpy_state = np.array(state["numpy"]["state"], dtype=np.uint32)
-    np.random.set_state(("MT19937", numpy_state, *state["numpy"]["rest"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -717,8 +730,6 @@ if __name__ == "__main__":
         print(f"{args.env_id}: deterministic return {mean_return:.1f} over {counted} episodes "
               f"(checkpoint step {ckpt['global_step']}; {EVAL_RULE})", flush=True)
         sys.exit(env.close())  # under Kit (--physics physx) the process ends inside close()
-    if args.backend == "isaacgym" and isaacgymenvs is None:
-        make_env(args, device)  # the one-line "Isaac Gym is not installed", before anything else
     resume_ckpt = load_checkpoint(args.resume, args)[0] if args.resume is not None else None
     run_name = (resume_ckpt["train_state"]["run_name"] if resume_ckpt
                 else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
@@ -726,24 +737,21 @@ if __name__ == "__main__":
     # ---- Seeding, then environments (validated before anything is written) ------------------
     seed_everything(args.seed, args.torch_deterministic)
     env = make_env(args, device)
-    # one simulation per process (Isaac Gym, Isaac Lab): evaluate on the training envs
     eval_env = env if env.one_per_process else make_env(args, device, num_envs=args.eval_episodes)
     N, obs_dim, act_dim = env.num_envs, env.obs_dim, env.act_dim
 
     # ---- Networks: one EBFlow is policy and critic; a target copy gives Vbar ---------------
     try:  # sizes the machine cannot hold are bad input too
-        flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
-                            args.flow_hidden, args.shift_hidden).to(device)
-        target_flow = EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min, args.sigma_max,
-                                   args.flow_hidden, args.shift_hidden).to(device)
+        flow, target_flow = [EBFlowPolicy(obs_dim, act_dim, args.alpha, args.sigma_min,
+                                          args.sigma_max, args.flow_hidden, args.shift_hidden)
+                             .to(device) for _ in range(2)]  # the online flow, then the target
         target_flow.load_state_dict(flow.state_dict())
         target_flow.eval()  # the target runs in eval mode (no dropout)
         normalizer = RunningMeanStd(obs_dim, args.obs_clip).to(device)
         rb = ReplayBuffer(args.buffer_size, N, obs_dim, act_dim, device)
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        fail(f"cannot allocate the networks and the replay buffer on {device} (--buffer-size "
-             f"{args.buffer_size}, --flow-hidden {args.flow_hidden}, --shift-hidden "
-             f"{args.shift_hidden}): {str(e).splitlines()[0]}")
+        fail(f"cannot allocate the networks and the replay buffer on {device}: try a smaller "
+             f"--buffer-size or --flow-hidden/--shift-hidden ({str(e).splitlines()[0]})")
     update, optimizer, nonfinite_updates = make_update(flow, target_flow, args, args.compile)
     act_fn = compile_fn(flow.sample, device) if args.compile else flow.sample  # a ~ pi(.|s)
 
@@ -763,37 +771,31 @@ if __name__ == "__main__":
             set_rng_state(ts["rng"])
         except Exception as e:  # whatever torch or numpy raises on a damaged entry
             fail(f"checkpoint does not fit this run ({type(e).__name__}: {str(e)[:200]})")
-        print(f"resumed {run_name} at step {ts['global_step']} (buffer {rb.size} x {N} "
-              "transitions); the environments start fresh episodes")
+        print(f"resumed {run_name} at step {ts['global_step']}; the envs start fresh episodes")
 
-    # ---- Logging: only now is anything written ---------------------------------------------
+    # ---- Logging: only now is anything written (purge_step: drop events after the checkpoint)
     run_dir = f"runs/{run_name}"
     os.makedirs(run_dir, exist_ok=True)
     run_lock = open(os.path.join(run_dir, "train.lock"), "a+")  # one trainer per run (not Windows)
     try:  # the kernel drops the lock however the process ends
-        if fcntl is not None:
-            fcntl.flock(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl else None
     except BlockingIOError:
         run_lock.seek(0)
         fail(f"{run_dir} is being trained by another process ({run_lock.read().strip()[:100]})")
     run_lock.truncate(0)
-    run_lock.write(f"pid {os.getpid()} on {platform.node()}\n")
-    run_lock.flush()
+    print(f"pid {os.getpid()} on {platform.node()}", file=run_lock, flush=True)
     if args.track:
         import wandb
-
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True, id=run_name, resume="allow")
-    # purge_step hides events a killed run logged after its last checkpoint
-    writer = SummaryWriter(run_dir, purge_step=start_iter * N if resume_ckpt is not None else None)
+    writer = SummaryWriter(run_dir, purge_step=start_iter * N if resume_ckpt else None)
     if resume_ckpt is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n"
                         + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    # the software versions, at every start: a resumed run may run on other versions
     versions = ", ".join([f"python {platform.python_version()}"] + [f"{m.__name__} {m.__version__}"
                          for m in [torch, gym, np, sys.modules.get("mujoco")] if m is not None])
     print(f"versions: {versions}", flush=True)
-    writer.add_text("versions", versions, start_iter * N)
+    writer.add_text("versions", versions, start_iter * N)  # at every start: a resume may use others
     print(f"evaluation: {args.eval_episodes} episodes, {EVAL_RULE}", flush=True)
     writer.add_text("evaluation", f"{args.eval_episodes} episodes, {EVAL_RULE}")
 
@@ -821,11 +823,10 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: act. Uniform random actions for the first learning_starts vector steps
         if iteration < args.learning_starts:
-            actions = env.random_actions()
+            actions = torch.rand(N, act_dim, device=device) * 2 - 1
         else:
             flow.set_dropout(False)  # acting: no dropout
-            # no_grad, not inference_mode: CUDA-graph trees fail on parameters first captured under
-            # inference_mode, then trained (pytorch/pytorch#135892)
+            # no_grad: CUDA-graph trees fail on parameters captured under inference_mode (#135892)
             with torch.no_grad():
                 actions = act_fn(normalizer(obs))
             flow.set_dropout(True)
@@ -837,14 +838,10 @@ if __name__ == "__main__":
         obs = next_obs
 
         done = (terminated + truncated) > 0  # bookkeeping: finished episodes, on the device
-        ep_return += rewards
-        ep_length += 1
-        logged = done & ep_whole
+        ep_return, ep_length, logged = ep_return + rewards, ep_length + 1, done & ep_whole
         finished += torch.stack([(ep_return * logged).sum(), (ep_length * logged).sum(),
                                  logged.sum()])
-        ep_whole |= done
-        ep_return *= ~done
-        ep_length *= ~done
+        ep_return, ep_length, ep_whole = ep_return * ~done, ep_length * ~done, ep_whole | done
 
         # ALGO LOGIC: training. One soft Bellman regression step per vector step
         if iteration >= args.learning_starts:
@@ -864,11 +861,10 @@ if __name__ == "__main__":
             writer.add_scalar("charts/SPS", int(sps), global_step)
             if iteration >= args.learning_starts:
                 skipped = int(nonfinite_updates)
-                writer.add_scalar("losses/qf_loss", loss.item(), global_step)
-                writer.add_scalar("losses/qf1_values", q[:, 0].mean().item(), global_step)
-                writer.add_scalar("losses/qf2_values", q[:, 1].mean().item(), global_step)
-                writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
-                writer.add_scalar("losses/nonfinite_updates", skipped, global_step)
+                for key, value in [("qf_loss", loss), ("qf1_values", q[:, 0].mean()),
+                                   ("qf2_values", q[:, 1].mean()), ("grad_norm", grad_norm),
+                                   ("nonfinite_updates", skipped)]:
+                    writer.add_scalar(f"losses/{key}", float(value), global_step)
                 if skipped >= args.max_nonfinite_updates:
                     writer.close()
                     fail(f"{skipped} updates had a non-finite loss or gradient (each skipped); "
@@ -897,11 +893,8 @@ if __name__ == "__main__":
 
     if args.save_model:
         path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        final = model_checkpoint(flow, normalizer, args, obs_dim, act_dim, N * num_iterations)
-        save_atomic(final, path)
+        step = N * num_iterations
+        save_atomic(model_checkpoint(flow, normalizer, args, obs_dim, act_dim, step), path)
         print(f"model saved to {path}; evaluate it with --eval-checkpoint {path}")
-    writer.close()
-    run_lock.close()  # another process may resume the run from here on
-    env.close()  # Isaac Lab: closes the simulation app, the last thing a run does
-    if eval_env is not env:
-        eval_env.close()
+    for resource in dict.fromkeys([writer, run_lock, eval_env, env]):  # Kit exits in env.close()
+        resource.close()

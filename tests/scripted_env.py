@@ -44,6 +44,15 @@ class NanRewardEnv(ScriptedEnv):
 gym.register("NanReward-v0", entry_point=NanRewardEnv, max_episode_steps=5)
 
 
+class UnboundedActionEnv(ScriptedEnv):
+    """Same dynamics, one action dimension unbounded: no tanh flow can cover it."""
+
+    action_space = gym.spaces.Box(np.array([-1.0, -np.inf], np.float32), np.array([1.0, np.inf], np.float32))
+
+
+gym.register("UnboundedAction-v0", entry_point=UnboundedActionEnv, max_episode_steps=5)
+
+
 class RandomStartEnv(gym.Env):
     """Episodes of exactly 4 steps from a random start x ~ U(-1, 1) drawn from the env's own RNG.
 

@@ -61,7 +61,6 @@ BAD_VALUES = {
     "checkpoint_frequency": [-1],
     "log_frequency": NOT_POSITIVE_INT,
     "num_envs": NOT_POSITIVE_INT,
-    "graphics_device_id": [-2],  # -1 is Isaac Gym's "no graphics device"
     "total_timesteps": NOT_POSITIVE_INT,
     "buffer_size": NOT_POSITIVE_INT,
     "gamma": [-0.01, 1.01, NAN, INF],
@@ -82,7 +81,7 @@ BAD_VALUES = {
 }
 # Edge values that are fine, so the checks are not simply stricter than the flags' meaning
 GOOD_EDGES = {"seed": [0, 2**32 - 1], "checkpoint_frequency": [0], "learning_starts": [0], "gamma": [0.0, 1.0],
-              "tau": [1.0], "graphics_device_id": [-1], "sigma_min": [-1e6]}
+              "tau": [1.0], "sigma_min": [-1e6]}
 FLAG_CASES = [(mod, name, value) for mod in SCRIPTS for name in numeric_flags(mod)
               for value in BAD_VALUES.get(name, [])]
 

@@ -74,7 +74,8 @@ def rollouts(flow, seeds, noise=None):
 
 BAD_INPUTS = [
     (["--env-id", "Pendulumm-v1"], "cannot make environment"),
-    (["--env-id", "CartPole-v1"], "continuous (Box) action space"),
+    (["--env-id", "CartPole-v1"], "bounded continuous (Box) action space"),
+    (["--env-id", "tests.scripted_env:UnboundedAction-v0"], "bounded continuous (Box) action space"),
     (["--total-timesteps", "ten"], None),  # tyro's own parse error
 ]
 

@@ -97,10 +97,10 @@ def test_isaacgym_adapter_returns_copies_not_the_tasks_buffers(monkeypatch):
     """step() returns tensors the task overwrites in place in the next step: the adapter copies them."""
     env = fake_isaac_env(monkeypatch)
     env.reset()
-    first = env.step(env.random_actions())
+    first = env.step(torch.rand(env.num_envs, env.act_dim) * 2 - 1)
     kept = [t.clone() for t in first]
     for _ in range(10):  # enough for the Line task to end and reset episodes
-        env.step(env.random_actions())
+        env.step(torch.rand(env.num_envs, env.act_dim) * 2 - 1)
     assert all(torch.equal(a, b) for a, b in zip(first, kept))
     for t in first:
         assert t.data_ptr() not in {env.envs.rew_buf.data_ptr(), env.envs.reset_buf.data_ptr()}
@@ -176,7 +176,7 @@ def test_evaluation_mean_is_exact_over_the_episodes_its_rule_selects(monkeypatch
     env = isaac.make_env(args, torch.device("cpu"))
     obs = env.reset()
     for _ in range(13):
-        obs = env.step(env.random_actions())[0]
+        obs = env.step(torch.rand(env.num_envs, env.act_dim) * 2 - 1)[0]
     mean, counted, _ = isaac.evaluate(flow, normalizer, env, episodes, obs=obs)
     assert counted == episodes and mean == pytest.approx(expected, rel=1e-6)
     # ... and fresh envs
@@ -202,12 +202,12 @@ def test_eval_checkpoint_seeds_before_building_the_env(run, tmp_path):
 
 
 def test_gymnasium_adapter_contract_with_ant():
-    env = isaac.GymnasiumVecEnv("Ant-v4", 3, seed=0, device=torch.device("cpu"))
+    env = isaac.GymnasiumVecEnv("Ant-v4", 3, 0, None, torch.device("cpu"))
     obs = env.reset(seed=0)
     assert obs.shape == (3, env.obs_dim) and env.act_dim == 8
     saw_end = False
     for _ in range(200):
-        next_obs, real_next_obs, rewards, terminated, truncated, valid = env.step(env.random_actions())
+        next_obs, real_next_obs, rewards, terminated, truncated, valid = env.step(torch.rand(env.num_envs, env.act_dim) * 2 - 1)
         assert next_obs.shape == real_next_obs.shape == (3, env.obs_dim) and rewards.shape == (3,)
         assert torch.all(valid == 1)
         ended = (terminated + truncated) > 0
@@ -263,7 +263,8 @@ def test_missing_isaacgym_is_one_clear_line(run, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--env-id", "CartPole-v1"], "continuous (Box) action space"),
+    (["--env-id", "CartPole-v1"], "bounded continuous (Box) action space"),
+    (["--env-id", "tests.scripted_env:UnboundedAction-v0"], "bounded continuous (Box) action space"),
     (["--env-id", "NoSuchEnv-v0"], "cannot make environment"),
 ])
 def test_bad_input_exits_nonzero_with_one_line(run, tmp_path, args, message):

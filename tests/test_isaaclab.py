@@ -39,7 +39,7 @@ def rollout(env, steps=40):
     obs, history, flags = env.reset(), [], []
     unwrapped = env.envs.unwrapped
     for _ in range(steps):
-        actions = env.random_actions()
+        actions = torch.rand(env.num_envs, env.act_dim) * 2 - 1
         out = env.step(actions)
         history.append((obs, actions, *out))
         flags.append((unwrapped.reset_terminated.clone(), unwrapped.reset_time_outs.clone(),
