@@ -4,6 +4,7 @@ check_args / load_checkpoint in-process; a few real runs show that nothing lands
 Last, --max-nonfinite-updates N stops a run once N updates were skipped."""
 import contextlib
 import glob
+import importlib.util
 import io
 import os
 import pickle
@@ -115,12 +116,20 @@ CROSS_FIELD = [
     (isaac, ["--sigma-min", "3.0"], "--sigma-min (3.0) must be smaller than --sigma-max"),
     (isaac, ["--batch-size", "2000", "--buffer-size", "10", "--num-envs", "100"], "cannot exceed the replay capacity"),
     (isaac, ["--total-timesteps", "100", "--num-envs", "128"], "less than one vector step"),
+    (cont, ["--run-name", "../elsewhere"], "--run-name must be a plain directory name"),
+    (cont, ["--run-name", ".."], "--run-name must be a plain directory name"),
 ]
 
 
 @pytest.mark.parametrize("mod,argv,message", CROSS_FIELD, ids=[" ".join(a) for _, a, _ in CROSS_FIELD])
 def test_inconsistent_flags_are_refused_in_one_line(mod, argv, message):
     assert message in refusal(mod.check_args, tyro.cli(mod.Args, args=argv))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+@pytest.mark.parametrize("mod", SCRIPTS, ids=SCRIPTS.values())
+def test_track_without_wandb_is_refused_in_one_line(mod):
+    assert "--track needs wandb: pip install wandb" in refusal(mod.check_args, tyro.cli(mod.Args, args=["--track"]))
 
 
 def build_and_update(mod, args):

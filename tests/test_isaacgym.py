@@ -1,5 +1,6 @@
 """ebflow_isaacgym.py: the two env adapters' contract, episode boundaries, the normaliser, end-to-end runs."""
 import glob
+import importlib.util
 import os
 import re
 import subprocess
@@ -207,7 +208,8 @@ def test_gymnasium_adapter_contract_with_ant():
     assert obs.shape == (3, env.obs_dim) and env.act_dim == 8
     saw_end = False
     for _ in range(200):
-        next_obs, real_next_obs, rewards, terminated, truncated, valid = env.step(torch.rand(env.num_envs, env.act_dim) * 2 - 1)
+        actions = torch.rand(env.num_envs, env.act_dim) * 2 - 1
+        next_obs, real_next_obs, rewards, terminated, truncated, valid = env.step(actions)
         assert next_obs.shape == real_next_obs.shape == (3, env.obs_dim) and rewards.shape == (3,)
         assert torch.all(valid == 1)
         ended = (terminated + truncated) > 0
@@ -254,6 +256,15 @@ def test_running_normaliser_matches_numpy_and_clips():
     assert torch.allclose(norm(far), torch.full((1, 4), 5.0)) and torch.allclose(norm(-far * 3), torch.full((1, 4), -5.0))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("mujoco_playground") is not None, reason="Playground is installed")
+def test_missing_playground_is_one_clear_line(run, tmp_path):
+    out = run(SCRIPT, "--backend", "playground", "--env-id", "CartpoleSwingup", "--no-cuda")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "MuJoCo Playground is not installed" in line and "requirements-playground.txt" in line
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_isaacgym_is_one_clear_line(run, tmp_path):
     out = run(SCRIPT, "--env-id", "Ant")
     assert out.returncode != 0 and "Traceback" not in out.stderr
@@ -276,8 +287,9 @@ def test_bad_input_exits_nonzero_with_one_line(run, tmp_path, args, message):
 
 
 @pytest.mark.learning
-def test_gymnasium_backend_learns_inverted_pendulum(run, tmp_path):
-    out = run(SCRIPT, "--backend", "gymnasium", "--env-id", "InvertedPendulum-v4", "--num-envs", 8, "--seed", 1,
+@pytest.mark.parametrize("seed", [2])  # tuned on seed 1; seeds 1 to 3 reach 1,000 within 48k transitions
+def test_gymnasium_backend_learns_inverted_pendulum(run, tmp_path, seed):
+    out = run(SCRIPT, "--backend", "gymnasium", "--env-id", "InvertedPendulum-v4", "--num-envs", 8, "--seed", seed,
               "--total-timesteps", 48_000, "--learning-starts", 100, "--batch-size", 256, "--alpha", 0.05,
               "--tau", 0.02, "--sigma-max", -0.3, "--eval-frequency", 8000, "--eval-episodes", 5,
               "--save-model", env={"OMP_NUM_THREADS": "1"})

@@ -36,8 +36,9 @@ def test_two_equally_good_actions_get_mass_on_both():
 
 
 @pytest.mark.learning
-def test_inverted_pendulum_reaches_900_within_10k_steps(run, tmp_path):
-    out = run("ebflow_continuous_action.py", "--env-id", "InvertedPendulum-v4", "--seed", 1, "--total-timesteps", 10_000,
+@pytest.mark.parametrize("seed", [2, 3])  # tuned on seed 1; seeds 1 to 5 reach 1,000 (at 6k, 8k, 4k, 7k, 6k)
+def test_inverted_pendulum_reaches_900_within_10k_steps(run, tmp_path, seed):
+    out = run("ebflow_continuous_action.py", "--env-id", "InvertedPendulum-v4", "--seed", seed, "--total-timesteps", 10_000,
               "--learning-starts", 1000, "--alpha", 0.05, "--tau", 0.02, "--eval-frequency", 1000, "--eval-episodes", 5,
               env={"OMP_NUM_THREADS": "1"})  # one thread: the same float sums on every 2-core machine
     assert out.returncode == 0, out.stderr

@@ -272,3 +272,17 @@ def test_vectorized_run_killed_and_resumed_continues_from_exactly_its_checkpoint
             assert torch.allclose(target1, target0 + tau * (end["model"][name] - target0), rtol=0, atol=1e-6), name
         else:
             assert torch.equal(target1, target0), name
+
+
+def test_vectorized_resume_with_other_arguments_is_refused_and_writes_nothing(run, tmp_path):
+    args = ["--backend", "gymnasium", "--env-id", "tests.scripted_env:RandomStart-v0", "--num-envs", 2,
+            "--learning-starts", 25, "--batch-size", 16, "--buffer-size", 1000, "--checkpoint-frequency", 100,
+            "--eval-frequency", 10**6, "--eval-episodes", 2, "--no-cuda"]
+    assert run("ebflow_isaacgym.py", *args, "--total-timesteps", 200).returncode == 0
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    before = tree(run_dir)
+    out = run("ebflow_isaacgym.py", *args, "--total-timesteps", 400, "--tau", 0.01, "--resume", run_dir)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line == "error: cannot resume: arguments differ from the checkpoint's: --tau 0.0005 (got 0.01)"
+    assert tree(run_dir) == before
