@@ -4,6 +4,7 @@ has neither): `pip install -r tests/requirements-playground.txt` to run them."""
 import glob
 import math
 import os
+import re
 import tempfile
 
 # JAX's persistent compilation cache, set before JAX is imported; the scripts the tests run inherit it.
@@ -160,7 +161,7 @@ def test_cartpole_swingup_learns(run, tmp_path, seed):
     out = run(SCRIPT, "--backend", "playground", "--env-id", TASK, "--num-envs", N, "--seed", seed,
               "--total-timesteps", 32_000, "--learning-starts", 100, "--batch-size", 256, "--alpha", 0.05,
               "--tau", 0.02, "--sigma-max", -0.3, "--eval-frequency", 8000, "--eval-episodes", N, "--no-cuda",
-              env={"OMP_NUM_THREADS": "1"})
+              "--save-model", env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / f"{TASK}__*"))
     evals = [v for _, v in read_tensorboard(run_dir)[0]["eval/return"]]
@@ -169,3 +170,9 @@ def test_cartpole_swingup_learns(run, tmp_path, seed):
     # a mean over 8 episodes that random actions never reach (their best single episode in 40: 141), and
     # three times the random policy's mean measured here
     assert max(evals) >= 120 and max(evals) >= 3 * np.mean(random_returns), (evals, random_returns)
+    # the best model (with its observation normaliser) reloads and evaluates on fresh envs
+    ev = run(SCRIPT, "--eval-checkpoint", os.path.join(run_dir, "ebflow_isaacgym_best.cleanrl_model"),
+             "--eval-episodes", N, "--no-cuda")
+    assert ev.returncode == 0, ev.stderr
+    printed = float(re.search(r"deterministic return (-?[\d.]+) over 8 episodes", ev.stdout).group(1))
+    assert printed >= 0.5 * max(evals), (printed, evals)
