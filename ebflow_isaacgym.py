@@ -133,8 +133,10 @@ class GymnasiumVecEnv:
             probe = gym.make(env_id)  # unknown ids fail here, before the vector env is built
         except gym.error.Error as e:
             fail(f"cannot make environment {env_id!r}: {e}")
-        act = probe.action_space
+        obs, act = probe.observation_space, probe.action_space
         probe.close()
+        if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
+            fail(f"this script needs a flat Box observation space; {env_id} has {obs}")
         if not (isinstance(act, gym.spaces.Box) and np.isfinite([act.low, act.high]).all()):
             fail(f"MEow needs a bounded continuous (Box) action space; {env_id} has {act}")
         ones = np.ones(act.shape, dtype=act.dtype)  # MEow's flow ends in tanh: actions in [-1, 1]^d
@@ -143,8 +145,7 @@ class GymnasiumVecEnv:
                                  "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
                                  wrappers=[lambda e: gym.wrappers.RescaleAction(e, -ones, ones)])
         self.num_envs, self.device = num_envs, device
-        self.obs_dim = self.envs.single_observation_space.shape[0]
-        self.act_dim = self.envs.single_action_space.shape[0]
+        self.obs_dim, self.act_dim = obs.shape[0], act.shape[0]
 
     def tensor(self, x):
         return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=self.device)
@@ -559,8 +560,7 @@ def make_update(flow, target_flow, args, compile=False):
     return update, optimizer, nonfinite_updates
 
 
-# ---- Replay buffer: device tensors, N transitions per vector step, a ring of `capacity` steps.
-# Observations are stored raw and standardised when sampled (with the current statistics).
+# ---- Replay buffer: a ring of N transitions per vector step; raw obs, standardised when sampled
 class ReplayBuffer:
     FIELDS = ["obs", "next_obs", "actions", "rewards", "terminated", "valid"]
 

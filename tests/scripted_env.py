@@ -53,6 +53,18 @@ class UnboundedActionEnv(ScriptedEnv):
 gym.register("UnboundedAction-v0", entry_point=UnboundedActionEnv, max_episode_steps=5)
 
 
+class DictObsEnv(ScriptedEnv):
+    """Same dynamics, the observation in a dict: not the flat vector the scripts need."""
+
+    observation_space = gym.spaces.Dict({"x": ScriptedEnv.observation_space})
+
+    def obs(self):
+        return {"x": super().obs()}
+
+
+gym.register("DictObs-v0", entry_point=DictObsEnv, max_episode_steps=5)
+
+
 class RandomStartEnv(gym.Env):
     """Episodes of exactly 4 steps from a random start x ~ U(-1, 1) drawn from the env's own RNG.
 

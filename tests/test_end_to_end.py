@@ -76,6 +76,7 @@ BAD_INPUTS = [
     (["--env-id", "Pendulumm-v1"], "cannot make environment"),
     (["--env-id", "CartPole-v1"], "bounded continuous (Box) action space"),
     (["--env-id", "tests.scripted_env:UnboundedAction-v0"], "bounded continuous (Box) action space"),
+    (["--env-id", "tests.scripted_env:DictObs-v0"], "needs a flat Box observation space"),
     (["--total-timesteps", "ten"], None),  # tyro's own parse error
 ]
 

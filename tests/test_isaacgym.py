@@ -276,6 +276,7 @@ def test_missing_isaacgym_is_one_clear_line(run, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--env-id", "CartPole-v1"], "bounded continuous (Box) action space"),
     (["--env-id", "tests.scripted_env:UnboundedAction-v0"], "bounded continuous (Box) action space"),
+    (["--env-id", "tests.scripted_env:DictObs-v0"], "needs a flat Box observation space"),
     (["--env-id", "NoSuchEnv-v0"], "cannot make environment"),
 ])
 def test_bad_input_exits_nonzero_with_one_line(run, tmp_path, args, message):
