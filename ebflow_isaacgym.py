@@ -778,7 +778,8 @@ if __name__ == "__main__":
     os.makedirs(run_dir, exist_ok=True)
     run_lock = open(os.path.join(run_dir, "train.lock"), "a+")  # one trainer per run (not Windows)
     try:  # the kernel drops the lock however the process ends
-        fcntl.flock(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl else None
+        if fcntl:
+            fcntl.flock(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         run_lock.seek(0)
         fail(f"{run_dir} is being trained by another process ({run_lock.read().strip()[:100]})")

@@ -1,5 +1,6 @@
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,6 +106,15 @@ def read_tensorboard(run_dir):
     texts = {tag: [(e.step, b"".join(e.tensor_proto.string_val).decode()) for e in ea.Tensors(tag)]
              for tag in tags["tensors"]}
     return scalars, texts
+
+
+def documented_tags():
+    """The scalar tags and text names that docs/meow.md's "Explanation of the logged metrics" lists."""
+    doc = open(os.path.join(ROOT, "docs", "meow.md")).read()
+    section = doc.split("## Explanation of the logged metrics")[1].split("\n## ")[0]
+    scalars = set(re.findall(r"`((?:charts|eval|losses)/\w+)`", section))
+    texts_item = section[section.index("- the texts"):]
+    return scalars, set(re.findall(r"`(\w+)`", texts_item.split("\n- ")[0]))
 
 
 def hold_lock(path, text):

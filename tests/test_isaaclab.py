@@ -208,12 +208,3 @@ def test_isaaclab_task_rejected_after_launch_exits_2_in_one_line(tmp_path, isaac
     assert errors == [errors[0]] and "MEow needs a flat 'policy' observation vector" in errors[0]
     assert (KIT_CLOSED in out.stdout) == isaac_sim
     assert not (tmp_path / "runs").exists()
-
-
-def test_missing_isaaclab_is_one_clear_line(run, tmp_path):
-    out = run(SCRIPT, "--backend", "isaaclab", "--env-id", "Isaac-Ant")
-    assert out.returncode != 0 and "Traceback" not in out.stderr
-    (line,) = out.stderr.strip().splitlines()
-    assert "Isaac Lab 3.0 is not installed" in line and "isaaclab==3.0.0" in line
-    assert "--backend gymnasium" in line
-    assert not (tmp_path / "runs").exists()
