@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 
@@ -243,6 +245,10 @@ def test_vectorized_run_killed_and_resumed_continues_from_exactly_its_checkpoint
     for key, saved_rows in ts0["buffer"].items():
         if isinstance(saved_rows, torch.Tensor):
             assert torch.equal(ts1["buffer"][key][:row], saved_rows), key
+    # its first s: the fresh episodes of env i begin from reset seed (seed 1 + vector steps done) + i, not
+    # the seeds the run began with, whose episodes it has played
+    starts = [gym.make("tests.scripted_env:RandomStart-v0").reset(seed=1 + row + i)[0] for i in range(n)]
+    assert torch.equal(ts1["buffer"]["obs"][row], torch.tensor(np.stack(starts)))
     # the normaliser: the saved statistics and the N observations of that step (no episode ends in the first
     # step after a reset, so they are the buffer's s'), combined through the first and second moments
     new = ts1["buffer"]["next_obs"][row].double()
