@@ -1,5 +1,7 @@
 """The soft Bellman loss and the update: fast paths against a straightforward evaluation of MEOW.md."""
 import copy
+import glob
+import re
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import ebflow_continuous_action as meow
 import ebflow_isaacgym as isaac
 
 from . import meow_reference as ref
+from .test_end_to_end import hopper_flow, rollouts
 from .test_flow_math import random_flow
 
 
@@ -217,8 +220,17 @@ def test_compile_fn_builds_both_device_branches_without_a_gpu(script, device, mo
     assert seen == ["reduce-overhead" if device == "cuda" else None]
 
 
-def test_compile_flag_runs_end_to_end(run, tmp_path):
+def test_compiled_run_trains_and_its_model_reloads_eagerly(run, tmp_path):
     out = run("ebflow_continuous_action.py", "--env-id", "Hopper-v4", "--total-timesteps", 400, "--learning-starts", 200,
-              "--batch-size", 64, "--compile", "--eval-frequency", 400, "--eval-episodes", 1, "--log-frequency", 100)
+              "--batch-size", 64, "--compile", "--eval-frequency", 400, "--eval-episodes", 1, "--log-frequency", 100,
+              "--save-model")
     assert out.returncode == 0, out.stderr
-    assert "step 400/400" in out.stdout
+    (model,) = glob.glob(str(tmp_path / "runs" / "*" / "ebflow_continuous_action.cleanrl_model"))
+    flow = hopper_flow(model)  # plain parameter names: no torch.compile wrapper in the state_dict
+    init = meow.EBFlowPolicy(11, 3, 0.25, -5.0, -0.3).state_dict()
+    assert not torch.equal(flow.state_dict()["shift_nets.0.4.weight"], init["shift_nets.0.4.weight"])  # it trained
+    # the compiled run's model, evaluated by the eager script, scores what a hand-written rollout scores
+    out = run("ebflow_continuous_action.py", "--eval-checkpoint", model, "--eval-episodes", 1, "--seed", 3)
+    assert out.returncode == 0, out.stderr
+    (printed,) = re.findall(r"deterministic return (-?[\d.]+)", out.stdout)
+    assert float(printed) == pytest.approx(rollouts(flow, [3])[0], abs=0.06)
